@@ -1,0 +1,5 @@
+import sys
+
+from hybridlm.cli.main import main
+
+sys.exit(main())
