@@ -1,0 +1,168 @@
+"""Causal softmax attention with QK-norm, optional RoPE (or NoPE), GQA, sliding window,
+document masking, padding, and a preallocated KV cache for decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm.nn.norm import RMSNorm
+from hybridlm.nn.rope import apply_rotary
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of one attention layer.
+
+    keys, values: [B, H_kv, capacity, head_dim]; positions [0, length) are filled. All sequences of a
+    batch share `length` (left padding is masked out by the model's key-padding mask).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, device, dtype) -> "KVCache":
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values [B, H_kv, T, D] and return views of everything cached so far."""
+        end = self.length + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {end} positions needed but the cache holds {self.capacity}; "
+                f"allocate the cache with a larger max_length"
+            )
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal attention of Olmo 2/3 and Olmo Hybrid.
+
+    QK-norm is an RMSNorm over the whole q (and k) projection before the head split (`qk_norm="full"`,
+    weights [H*hd] and [H_kv*hd]), or per head (`"head"`, weights [hd]), or off.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        qk_norm: str = "full",
+        norm_eps: float = 1e-6,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.qk_norm = qk_norm
+        self.sliding_window = sliding_window
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        if qk_norm == "full":
+            self.q_norm = RMSNorm(n_heads * head_dim, norm_eps)
+            self.k_norm = RMSNorm(n_kv_heads * head_dim, norm_eps)
+        elif qk_norm == "head":
+            self.q_norm = RMSNorm(head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim, norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x: [B, T, d_model] -> [B, T, d_model].
+
+        rotary: float32 (cos, sin) [B, T, head_dim] for these tokens, or None (NoPE).
+        mask: boolean [B or 1, 1, T, T_keys] (True = may attend), or None for plain causal attention
+            over exactly these T tokens. The model builds it (it knows padding, documents, windows).
+        kv_cache: this layer's cache; new keys/values are appended and attention spans all of it.
+        """
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x)
+        k = self.k_proj(x)
+        v = self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        grouped = self.n_kv_heads != self.n_heads
+        if mask is None:
+            if k.shape[2] != seq_len:
+                raise ValueError("attention over a KV cache needs an explicit mask from the model")
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.head_dim**-0.5, enable_gqa=grouped
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=grouped
+            )
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+def build_attention_mask(
+    *,
+    query_length: int,
+    key_length: int,
+    key_padding: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, Tq, Tk] (True = attend) for queries that are the last Tq of Tk keys.
+
+    Combines causality, an optional sliding window (a query sees itself and window-1 earlier keys),
+    document boundaries (doc_ids [B, T], no cache) and key padding (key_padding [B, Tk], True for real
+    tokens). Returns None when plain causal attention over the same tokens suffices. A query whose
+    every key is masked (a padding query in a left-padded row) keeps its own position so softmax
+    never sees an all-masked row; such outputs belong to padding and are ignored.
+    """
+    if key_padding is None and doc_ids is None and sliding_window is None and query_length == key_length:
+        return None
+    offset = key_length - query_length
+    query_pos = torch.arange(query_length, device=device)[:, None] + offset
+    key_pos = torch.arange(key_length, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if sliding_window is not None:
+        allowed = allowed & (query_pos - key_pos < sliding_window)
+    allowed = allowed[None, None]
+    if doc_ids is not None:
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+        allowed = allowed & same_doc[:, None]
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :].bool()
+        allowed = allowed | (key_pos == query_pos)[None, None]
+    return allowed
