@@ -13,6 +13,7 @@ import sys
 
 COMMAND_MODULES = [
     "hybridlm.cli.info",
+    "hybridlm.cli.tasks",
 ]
 
 
