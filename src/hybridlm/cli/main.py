@@ -13,6 +13,8 @@ import sys
 
 COMMAND_MODULES = [
     "hybridlm.cli.info",
+    "hybridlm.cli.train",
+    "hybridlm.cli.export",
     "hybridlm.cli.data",
     "hybridlm.cli.tokenizer",
     "hybridlm.cli.tasks",

@@ -1,0 +1,149 @@
+"""Ready training recipes: the scaling ladder (every size x architecture family) and Olmo Hybrid 7B.
+
+`python -m hybridlm.train.recipes configs/` (re)writes configs/ladder/{family}-{size}.yaml for the
+ladder sizes 60m..1b and every family in `hybridlm.models.presets.FAMILIES`,
+configs/olmo-hybrid-7b.yaml, and configs/default.yaml (the built-in default, for reference). The numbers follow the reference's sections 15.4 and 16.1.
+
+Ladder rules (OLMo-core's WSDS Chinchilla configurator), with N the non-embedding parameters (LM
+head included):
+    global batch (tokens)  round(2048 * 160 * (N / 108M)^(2/3)), in 8192-token sequences
+    peak lr                0.0047 * (N / 108M)^(-1/3) / 2
+    Adam beta2             0.95 if the batch holds >= 524,288 tokens, else 0.99
+    duration               20 tokens/param x chinchilla_multiple (default 4, i.e. 80 N tokens)
+    warmup                 N tokens; WSD with the decay over the last 10% (a single period: the
+                           ladder's WSD-S repeats the decay at each multiple; one run here is one
+                           multiple)
+    wd 0.1, z-loss 1e-5, clip 1.0, bf16, intra-document masking
+The data is a prepared dolma2-tokenized dataset directory; `data.dataset` names where it is expected
+(`hybridlm data prepare ...` makes one).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from hybridlm.train.config import (
+    DataSection,
+    ModelSection,
+    OptimizerSection,
+    ScheduleSection,
+    TrainConfig,
+    TrainerSection,
+)
+
+LADDER_SIZES = ("60m", "100m", "190m", "370m", "600m", "760m", "1b")
+LADDER_SEQ_LEN = 8192
+LADDER_DATASET = "data/dolma2-tokenized"
+
+
+def non_embedding_parameters(preset: str) -> int:
+    """N of a preset (LM head included, input embedding excluded), counted on the meta device."""
+    import torch
+
+    from hybridlm.models import HybridLM, get_preset
+
+    with torch.device("meta"):
+        return HybridLM(get_preset(preset)).num_parameters(exclude_embeddings=True)
+
+
+def ladder_recipe(family: str, size: str, *, chinchilla_multiple: float = 4.0) -> TrainConfig:
+    n = non_embedding_parameters(f"{family}-{size}")
+    ratio = n / 108e6
+    batch_tokens = round(2048 * 160 * ratio ** (2 / 3))
+    batch_sequences = max(1, round(batch_tokens / LADDER_SEQ_LEN))
+    batch_tokens = batch_sequences * LADDER_SEQ_LEN
+    total_tokens = 20 * chinchilla_multiple * n
+    steps = math.ceil(total_tokens / batch_tokens)
+    return TrainConfig(
+        model=ModelSection(preset=f"{family}-{size}", vocab_size=100352),
+        data=DataSection(dataset=LADDER_DATASET, seq_len=LADDER_SEQ_LEN, batch_size=batch_sequences),
+        optimizer=OptimizerSection(
+            lr=float(f"{0.0047 * ratio ** (-1 / 3) / 2:.4g}"),
+            betas=(0.9, 0.95 if batch_tokens >= 524288 else 0.99),
+            weight_decay=0.1,
+            z_loss=1e-5,
+            grad_clip=1.0,
+        ),
+        schedule=ScheduleSection(
+            name="wsd", warmup_steps=min(steps, math.ceil(n / batch_tokens)), final_lr_ratio=0.0, decay_fraction=0.1
+        ),
+        trainer=TrainerSection(
+            steps=steps,
+            micro_batch_size=1,
+            precision="bfloat16",
+            compile=True,
+            eval_every=1000,
+            eval_sequences=256,
+            checkpoint_every=1000,
+            keep_last=3,
+            sample_tokens=0,
+        ),
+    )
+
+
+def olmo_hybrid_7b_recipe() -> TrainConfig:
+    """Stage 1 pretraining of Olmo Hybrid 7B (reference section 16.1)."""
+    return TrainConfig(
+        model=ModelSection(preset="olmo-hybrid-7b", vocab_size=100352),
+        data=DataSection(dataset=LADDER_DATASET, seq_len=8192, batch_size=512, seed=34521),
+        optimizer=OptimizerSection(
+            lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0, z_loss=1e-5,
+            skip_step=True, skip_sigma=6.0, skip_window=128,
+        ),
+        schedule=ScheduleSection(name="cosine", warmup_steps=2000, final_lr_ratio=0.1),
+        trainer=TrainerSection(
+            steps=1414078,
+            micro_batch_size=1,
+            precision="bfloat16",
+            compile=True,
+            activation_checkpointing=False,
+            eval_every=1000,
+            eval_sequences=512,
+            checkpoint_every=1000,
+            keep_last=3,
+            sample_tokens=0,
+        ),
+    )
+
+
+def all_recipes() -> dict[str, TrainConfig]:
+    """Relative path under configs/ -> recipe."""
+    from hybridlm.models import FAMILIES
+
+    recipes = {"default.yaml": TrainConfig(), "olmo-hybrid-7b.yaml": olmo_hybrid_7b_recipe()}
+    for family in FAMILIES:
+        for size in LADDER_SIZES:
+            recipes[f"ladder/{family}-{size}.yaml"] = ladder_recipe(family, size)
+    return recipes
+
+
+def render(relative: str, config: TrainConfig) -> str:
+    header = (
+        f"# {relative}: generated by `python -m hybridlm.train.recipes configs/`; edit the generator, not this file.\n"
+    )
+    if relative.startswith("ladder/"):
+        header += "# Scaling-ladder recipe (reference section 15.4); launch with torchrun on GPUs.\n"
+    elif relative == "default.yaml":
+        header += "# What `hybridlm train` runs with no config: a small hybrid on the embedded corpus, on CPU.\n"
+    else:
+        header += "# Olmo Hybrid 7B stage-1 pretraining (reference section 16.1): 1,414,078 steps x 4,194,304 tokens.\n"
+    return header + config.to_yaml()
+
+
+def write_recipes(root: str | Path) -> list[Path]:
+    root = Path(root)
+    written = []
+    for relative, config in all_recipes().items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(relative, config))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    target = sys.argv[1] if len(sys.argv) > 1 else "configs"
+    for path in write_recipes(target):
+        print(path)
