@@ -128,6 +128,17 @@ def test_rerun_is_idempotent_and_redoes_only_unfinished_units(corpus, tiny_token
             assert path.stat().st_mtime_ns == mtimes[path], f"{path} was rewritten"
 
 
+def test_rerun_repairs_a_shard_lost_after_preparation(corpus, tiny_tokenizer, tmp_path):
+    out = prepare_dataset([corpus], tiny_tokenizer, tmp_path / "ds", val_fraction=0.25, shard_bytes=300, progress=False)
+    before = read_all(TokenDataset(out), "train")
+    lost = out / TokenDataset(out).meta["splits"]["train"]["shards"][1]["tokens"]
+    lost.unlink()
+    with pytest.raises(ValueError, match="missing.*incomplete.*hybridlm data prepare"):
+        TokenDataset(out).split("train")
+    prepare_dataset([corpus], tiny_tokenizer, out, val_fraction=0.25, shard_bytes=300, progress=False)
+    np.testing.assert_array_equal(read_all(TokenDataset(out), "train"), before)
+
+
 def test_settings_change_on_existing_dataset_is_refused(corpus, tiny_tokenizer, tmp_path):
     out = prepare_dataset([corpus], tiny_tokenizer, tmp_path / "ds", val_fraction=0.25, progress=False)
     with pytest.raises(ValueError, match="other settings.*val_fraction"):

@@ -94,3 +94,31 @@ def test_missing_eos_and_approximate_byte_lengths(tmp_path):
     no_eos = _word_level_tokenizer(tmp_path / "no_eos.json", {"[UNK]": 0, "a": 1}, {})
     with pytest.raises(ValueError, match="--eos-token"):
         Tokenizer(no_eos)
+
+
+# The split pattern of cl100k-style tokenizers such as dolma2 (Olmo Hybrid's tokenizer).
+CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def test_dolma2_shaped_tokenizer(tiny_tokenizer, tmp_path):
+    """Byte-level BPE behind a regex split, specials at ids 100257 / 100277 and unused ids below them."""
+    spec = json.loads(tiny_tokenizer.read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": CL100K_PATTERN}, "behavior": "Removed", "invert": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    vocab = {token: i - 2 for token, i in spec["model"]["vocab"].items() if i >= 2}
+    vocab.update({"<|endoftext|>": 100257, "<|pad|>": 100277})
+    spec["model"]["vocab"] = vocab
+    spec["added_tokens"] = [dict(spec["added_tokens"][0], id=100257), dict(spec["added_tokens"][1], id=100277)]
+    path = tmp_path / "dolma2_like.json"
+    path.write_text(json.dumps(spec))
+
+    tokenizer = Tokenizer(path)
+    assert tokenizer.eos_token_id == 100257 and tokenizer.vocab_size == 100278 and tokenizer.is_byte_level
+    lengths = tokenizer.token_byte_lengths
+    assert lengths[100257] == lengths[100277] == lengths[len(vocab) + 100] == 0
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text and int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert 100257 not in tokenizer.encode("x<|endoftext|>y")

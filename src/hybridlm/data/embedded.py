@@ -11,7 +11,6 @@ calls return at once.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +18,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from hybridlm.data.prepare import FORMAT_VERSION, find_forced_held_out_key, is_held_out, prepare_dataset
+from hybridlm.data.prepare import (
+    FORMAT_VERSION,
+    file_lock,
+    find_forced_held_out_key,
+    is_held_out,
+    prepare_dataset,
+)
 from hybridlm.data.sources import collect_pieces, iter_documents
 from hybridlm.data.tokenizer import train_bpe_tokenizer
 
@@ -44,21 +49,6 @@ def embedded_pieces(max_files: int | None = None) -> list:
     if max_files is not None and max_files < len(pieces):
         pieces = [pieces[k * len(pieces) // max_files] for k in range(max_files)]
     return pieces
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_embedded_dataset(
@@ -94,7 +84,7 @@ def ensure_embedded_dataset(
     if (out / "meta.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f"{out.name}.lock"):
+    with file_lock(root / f"{out.name}.lock"):
         if (out / "meta.json").is_file():  # another process prepared it while we waited
             return out
         if progress:

@@ -216,19 +216,35 @@ def _finished_manifest(out: Path, unit_index: int, pieces: list[Piece], settings
 
 
 @contextlib.contextmanager
-def _directory_lock(directory: Path):
-    """Serialize preparations of one directory (e.g. every rank of a job calling prepare at once)."""
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created if needed) for the duration of the block.
+
+    Serializes preparations of one directory, e.g. when every rank of a job calls prepare at once.
+    """
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock; concurrent runs still write whole files only
+    except ImportError:  # not POSIX: no lock; concurrent runs still only ever rename whole files into place
         yield
         return
-    with open(directory / ".lock", "w") as lock:
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _is_complete(out: Path, meta: dict) -> bool:
+    """Whether every file meta.json names is present with its expected size (cheap: no reading)."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in meta["splits"].values():
+        if split["n_documents"] and not (out / split["documents"]).is_file():
+            return False
+        for shard in split["shards"]:
+            path = out / shard["tokens"]
+            if not path.is_file() or path.stat().st_size != shard["n_tokens"] * itemsize:
+                return False
+    return True
 
 
 def _remove_unreferenced(out: Path, referenced: set[str]) -> None:
@@ -303,6 +319,9 @@ def prepare_dataset(
         select: when given, a directory's file is read only if select(its relative path) is true.
         progress: show a progress bar (tqdm, on stderr).
 
+    Memory stays bounded by one shard per worker, except that a single document (a whole text
+    file, one JSONL line, one Parquet row group) is held in memory at once.
+
     Raises:
         FileNotFoundError / ValueError: missing sources, no documents, malformed JSONL, a corpus
             too small to split, or an `out` already prepared with another tokenizer or split.
@@ -325,7 +344,7 @@ def prepare_dataset(
                  "dtype": dtype.name, "val_fraction": val_fraction}
 
     out.mkdir(parents=True, exist_ok=True)
-    with _directory_lock(out):
+    with file_lock(out / ".lock"):
         meta_path = out / "meta.json"
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
@@ -334,8 +353,10 @@ def prepare_dataset(
                 changed = {key: (previous[key], requested[key]) for key in requested if previous[key] != requested[key]}
                 raise ValueError(f"{out} already holds a dataset prepared with other settings {changed} (old, new): "
                                  "choose another --out, or delete that directory to prepare it again")
-            if meta.get("plan_sha256") == plan_sha256:
+            if meta.get("plan_sha256") == plan_sha256 and _is_complete(out, meta):
                 return out
+            # The sources changed or files went missing: the old description must not outlive the update.
+            meta_path.unlink()
 
         forced_key = find_forced_held_out_key(pieces, val_fraction)
         settings = {**requested, "forced_held_out_key": forced_key}
