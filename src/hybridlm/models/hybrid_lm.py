@@ -15,7 +15,7 @@ from torch import nn
 
 from hybridlm.models.cache import HybridCache
 from hybridlm.models.config import HybridConfig
-from hybridlm.nn.attention import Attention, KVCache, build_attention_mask
+from hybridlm.nn.attention import Attention, KVCache, KVCacheSlot, build_attention_mask
 from hybridlm.nn.blocks import AttentionBlock, GatedDeltaNetBlock
 from hybridlm.nn.gated_deltanet import GatedDeltaNet
 from hybridlm.nn.norm import GatedRMSNorm, RMSNorm
@@ -153,7 +153,11 @@ class HybridLM(nn.Module):
     def allocate_cache(
         self, batch_size: int, max_length: int, *, device=None, dtype: torch.dtype | None = None
     ) -> HybridCache:
-        """A preallocated decoding cache for `batch_size` sequences of up to `max_length` tokens."""
+        """A preallocated decoding cache for `batch_size` sequences of up to `max_length` tokens.
+
+        Full-attention layers get max_length KV positions; sliding-window layers a ring buffer of
+        min(max_length, sliding_window) positions; GDN layers their constant-size state.
+        """
         if max_length > self.config.max_seq_len:
             raise ValueError(
                 f"max_length {max_length} exceeds the model's max_seq_len {self.config.max_seq_len}"
@@ -167,13 +171,18 @@ class HybridLM(nn.Module):
                 layers.append(block.linear_attn.init_state(batch_size, device=device, dtype=dtype))
             else:
                 attn = block.self_attn
+                ring = attn.sliding_window is not None
+                capacity = min(max_length, attn.sliding_window) if ring else max_length
                 layers.append(
-                    KVCache.allocate(batch_size, attn.n_kv_heads, max_length, attn.head_dim, device=device, dtype=dtype)
+                    KVCache.allocate(
+                        batch_size, attn.n_kv_heads, capacity, attn.head_dim, device=device, dtype=dtype, ring=ring
+                    )
                 )
         return HybridCache(
             layers=layers,
             key_padding=torch.zeros(batch_size, max_length, dtype=torch.bool, device=device),
             positions=torch.zeros(batch_size, dtype=torch.long, device=device),
+            next_index=torch.zeros(1, dtype=torch.long, device=device),
         )
 
     # Forward --------------------------------------------------------------------------------
@@ -207,6 +216,9 @@ class HybridLM(nn.Module):
         padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             padding = attention_mask.bool()
+        # First key position each attention kind sees: 0, or for a sliding-window ring buffer the
+        # oldest position it still holds and returns (KVCache.window_keys).
+        first_key = {kind: 0 for kind in ("attn", "swa")}
         if cache is None:
             key_length = seq_len
             key_padding = padding
@@ -215,26 +227,24 @@ class HybridLM(nn.Module):
             else:
                 positions = (padding.long().cumsum(1) - 1).clamp(min=0)
         else:
-            start = cache.length
+            start = cache.begin_write(seq_len)
             key_length = start + seq_len
-            if key_length > cache.capacity:
-                raise ValueError(
-                    f"the cache holds {cache.capacity} positions; {cache.length} used and {seq_len} more requested"
-                )
             new_real = torch.ones(batch, seq_len, dtype=torch.bool, device=device) if padding is None else padding
             cache.key_padding[:, start:key_length] = new_real
             positions = cache.positions[:, None] + new_real.long().cumsum(1) - 1
             positions = positions.clamp(min=0)
             cache.positions += new_real.long().sum(1)
-            cache.length = key_length
             key_padding = cache.key_padding[:, :key_length] if cache.has_padding() else None
+            for layer in cache.layers:
+                if isinstance(layer, KVCache) and layer.ring:
+                    first_key["swa"] = start - layer.window_keys(start)
 
         masks = {}
         for kind in set(self.config.layer_kinds) - {"gdn"}:
             masks[kind] = build_attention_mask(
                 query_length=seq_len,
-                key_length=key_length,
-                key_padding=key_padding,
+                key_length=key_length - first_key[kind],
+                key_padding=None if key_padding is None else key_padding[:, first_key[kind] :],
                 doc_ids=doc_ids,
                 sliding_window=self.config.sliding_window if kind == "swa" else None,
                 device=device,
@@ -262,6 +272,66 @@ class HybridLM(nn.Module):
             kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
             logits = self.lm_head(kept)
         return CausalLMOutput(logits=logits, hidden_states=hidden if return_hidden_states else None, cache=cache)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: HybridCache, *, gdn_impl: str = "auto") -> torch.Tensor:
+        """One decoding step with static shapes and no host synchronisation, for CUDA-graph capture.
+
+        input_ids: [B, 1] int64, the latest token of every sequence (no padding: every row advances).
+        cache: a `HybridCache` after a prefill with `forward`; updated in place.
+        Returns logits [B, vocab] for the next token, in the model's dtype.
+
+        Equal to `forward(input_ids, cache=cache).logits[:, -1]`, but every per-step quantity stays on
+        the device: the write position is `cache.next_index`, attention spans each layer's whole
+        preallocated buffer under a key mask built from `cache.key_padding`, and inputs are not checked
+        (ids must lie in [0, vocab_size) and the cache must have room: the caller checks once).
+        """
+        position = cache.next_index
+        cache.key_padding.index_fill_(1, position, True)
+        rotary = rotary_full = None
+        if self.rotary is not None:
+            token_positions = cache.positions[:, None]
+            rotary = self.rotary(token_positions)
+            rotary_full = self.rotary_full(token_positions) if self.rotary_full is not None else rotary
+        hidden = self.model.embed_tokens(input_ids)
+        masks = {}
+        for block, state in zip(self.model.layers, cache.layers):
+            if isinstance(block, GatedDeltaNetBlock):
+                hidden = block(hidden, state=state, gdn_impl=gdn_impl)
+                continue
+            if state.capacity not in masks:
+                masks[state.capacity] = self._decode_key_mask(cache, state.capacity)
+            hidden = block(
+                hidden,
+                rotary=rotary_full if block.kind == "attn" else rotary,
+                mask=masks[state.capacity],
+                state=KVCacheSlot(state, position),
+            )
+        cache.positions += 1
+        cache.next_index += 1
+        return self.lm_head(self.model.norm(hidden[:, -1]))
+
+    @staticmethod
+    def _decode_key_mask(cache: HybridCache, capacity: int) -> torch.Tensor:
+        """[B, 1, 1, capacity] bool: which slots of a KV buffer the current query may attend to.
+
+        Slot s holds the latest position p' <= p (p = cache.next_index) with p' = s mod capacity; it
+        counts when that position was written (p' >= 0) and is a real token. For a full-length buffer
+        this is the key padding itself; for a ring buffer (capacity <= window) every held position is
+        inside the window.
+        """
+        if capacity == cache.capacity:  # slots are positions; unwritten ones are still False
+            return cache.key_padding[:, None, None, :]
+        slots = torch.arange(capacity, device=cache.key_padding.device)
+        held = cache.next_index - (cache.next_index - slots) % capacity
+        real = cache.key_padding.index_select(1, held.clamp(min=0)) & (held >= 0)
+        return real[:, None, None, :]
+
+    def generate(self, input_ids, attention_mask: torch.Tensor | None = None, **options):
+        """Generate continuations of (left-padded) prompts; see `hybridlm.generate.generate` for the
+        options (max_new_tokens, temperature, top_k, top_p, stop_token_ids, seed, return_stats, ...)."""
+        from hybridlm.generate import generate
+
+        return generate(self, input_ids, attention_mask, **options)
 
     def _check_input(self, input_ids, attention_mask, doc_ids, cache) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

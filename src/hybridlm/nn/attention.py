@@ -17,38 +17,94 @@ from hybridlm.nn.rope import apply_rotary
 class KVCache:
     """Preallocated keys and values of one attention layer.
 
-    keys, values: [B, H_kv, capacity, head_dim]; positions [0, length) are filled. All sequences of a
-    batch share `length` (left padding is masked out by the model's key-padding mask).
+    keys, values: [B, H_kv, capacity, head_dim]. All sequences of a batch share `length` (left padding
+    is masked out by the model's key-padding mask).
+
+    A full-attention layer holds every position (`ring=False`, position p in slot p). A sliding-window
+    layer keeps a ring buffer (`ring=True`): position p lives in slot p % capacity with capacity =
+    min(max_length, window), so its memory stops growing at the window.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     length: int = 0
+    ring: bool = False
 
     @classmethod
-    def allocate(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, device, dtype) -> "KVCache":
+    def allocate(
+        cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, device, dtype, ring: bool = False
+    ) -> "KVCache":
         shape = (batch, kv_heads, capacity, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype), ring=ring
+        )
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values [B, H_kv, T, D] and return views of everything cached so far."""
-        end = self.length + keys.shape[2]
-        if end > self.capacity:
-            raise ValueError(
-                f"KV cache overflow: {end} positions needed but the cache holds {self.capacity}; "
-                f"allocate the cache with a larger max_length"
-            )
-        self.keys[:, :, self.length : end] = keys
-        self.values[:, :, self.length : end] = values
+        """Write new keys/values [B, H_kv, T, D]; return the keys/values the new queries may see, in order.
+
+        Full attention: everything cached so far ([0, length + T)). Ring buffer: the last
+        `window_keys(length)` old positions followed by the T new ones (the window of the first new
+        query reaches capacity - 1 positions back).
+        """
+        start, count = self.length, keys.shape[2]
+        end = start + count
+        if not self.ring:
+            if end > self.capacity:
+                raise ValueError(
+                    f"KV cache overflow: {end} positions needed but the cache holds {self.capacity}; "
+                    f"allocate the cache with a larger max_length"
+                )
+            self.keys[:, :, start:end] = keys
+            self.values[:, :, start:end] = values
+            self.length = end
+            return self.keys[:, :, :end], self.values[:, :, :end]
+        old = self.window_keys(start)
+        if end <= self.capacity:  # not wrapped yet: slots are positions, a view suffices
+            self.keys[:, :, start:end] = keys
+            self.values[:, :, start:end] = values
+            self.length = end
+            return self.keys[:, :, start - old : end], self.values[:, :, start - old : end]
+        old_slots = torch.arange(start - old, start, device=keys.device) % self.capacity
+        seen_keys = torch.cat([self.keys.index_select(2, old_slots), keys], dim=2)
+        seen_values = torch.cat([self.values.index_select(2, old_slots), values], dim=2)
+        kept = min(count, self.capacity)
+        new_slots = torch.arange(end - kept, end, device=keys.device) % self.capacity
+        self.keys.index_copy_(2, new_slots, keys[:, :, count - kept :])
+        self.values.index_copy_(2, new_slots, values[:, :, count - kept :])
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return seen_keys, seen_values
+
+    def window_keys(self, start: int) -> int:
+        """How many positions before `start` a ring buffer returns with the next new keys."""
+        return min(start, self.capacity - 1) if self.ring else start
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
+
+
+@dataclass
+class KVCacheSlot:
+    """A one-token write into a `KVCache` at a position held on the device (static-shape decoding).
+
+    Used by `HybridLM.decode_step` so that a CUDA graph can replay the step: the slot comes from
+    `position` (a [1] int64 tensor advanced in place by the model), and attention spans the whole
+    buffer, with unwritten and out-of-window slots masked by the model. The cache's host-side
+    `length` is not touched.
+    """
+
+    cache: KVCache
+    position: torch.Tensor
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values: [B, H_kv, 1, D] -> the whole buffers [B, H_kv, capacity, D]."""
+        slot = self.position % self.cache.capacity
+        self.cache.keys.index_copy_(2, slot, keys)
+        self.cache.values.index_copy_(2, slot, values)
+        return self.cache.keys, self.cache.values
 
 
 class Attention(nn.Module):
@@ -92,14 +148,14 @@ class Attention(nn.Module):
         *,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | KVCacheSlot | None = None,
     ) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model].
 
         rotary: float32 (cos, sin) [B, T, head_dim] for these tokens, or None (NoPE).
         mask: boolean [B or 1, 1, T, T_keys] (True = may attend), or None for plain causal attention
             over exactly these T tokens. The model builds it (it knows padding, documents, windows).
-        kv_cache: this layer's cache; new keys/values are appended and attention spans all of it.
+        kv_cache: this layer's cache; new keys/values are appended and attention spans what it returns.
         """
         batch, seq_len, _ = x.shape
         q = self.q_proj(x)
