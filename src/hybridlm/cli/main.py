@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "hybridlm.cli.export",
     "hybridlm.cli.data",
     "hybridlm.cli.tokenizer",
+    "hybridlm.cli.fit",
     "hybridlm.cli.generate",
     "hybridlm.cli.tasks",
 ]
