@@ -30,7 +30,7 @@ def test_round_trip_and_exact_byte_lengths(tiny_tokenizer):
 
 def test_special_tokens_and_eos(tiny_tokenizer):
     tokenizer = Tokenizer(tiny_tokenizer)
-    assert tokenizer.eos_token_id == 0 and tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.eos_token_id == 0 and tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token_id == 1
     assert tokenizer.token_byte_lengths[0] == 0 and tokenizer.token_byte_lengths[1] == 0  # EOS and pad: no text
     # Every byte has its own token, so the vocabulary covers any input.
     assert sorted(tokenizer.token_byte_lengths[2:258].tolist()) == [1] * 256
@@ -88,7 +88,7 @@ def test_missing_eos_and_approximate_byte_lengths(tmp_path):
     vocab = {"[UNK]": 0, "▁hello": 1, "<0x41>": 2, "##ing": 3, "wörld": 4, "</s>": 5, "<keep>": 6}
     path = _word_level_tokenizer(tmp_path / "word.json", vocab, {"</s>": (5, True), "<keep>": (6, False)})
     tokenizer = Tokenizer(path)
-    assert tokenizer.eos_token_id == 5 and not tokenizer.is_byte_level
+    assert tokenizer.eos_token_id == 5 and not tokenizer.is_byte_level and tokenizer.pad_token_id is None
     assert tokenizer.token_byte_lengths.tolist() == [5, 6, 1, 3, 6, 0, 6]  # "[UNK]" counts as its spelling
 
     no_eos = _word_level_tokenizer(tmp_path / "no_eos.json", {"[UNK]": 0, "a": 1}, {})
@@ -116,6 +116,7 @@ def test_dolma2_shaped_tokenizer(tiny_tokenizer, tmp_path):
 
     tokenizer = Tokenizer(path)
     assert tokenizer.eos_token_id == 100257 and tokenizer.vocab_size == 100278 and tokenizer.is_byte_level
+    assert tokenizer.pad_token_id == 100277
     lengths = tokenizer.token_byte_lengths
     assert lengths[100257] == lengths[100277] == lengths[len(vocab) + 100] == 0
     for text in TEXTS:

@@ -22,6 +22,7 @@ import numpy as np
 
 # Names under which tokenizers commonly store their end-of-text token, most common first.
 EOS_TOKEN_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>")
+PAD_TOKEN_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -93,6 +94,8 @@ class Tokenizer:
         self.vocab_size = max(vocab.values()) + 1
         self.eos_token_id = self._find_eos(eos_token, vocab)
         self.eos_token = self._tokenizer.id_to_token(self.eos_token_id)
+        # Padding id, when the vocabulary has one (None otherwise). Nothing in the data pipeline pads.
+        self.pad_token_id: int | None = next((vocab[t] for t in PAD_TOKEN_CANDIDATES if t in vocab), None)
 
     def _find_eos(self, eos_token: str | int | None, vocab: dict[str, int]) -> int:
         if isinstance(eos_token, int) or (isinstance(eos_token, str) and eos_token.isdigit()):
