@@ -7,21 +7,20 @@ import io
 import pytest
 import torch
 
-from generation_models import byte_level_tokenizer, tiny_config
 from hybridlm.cli.main import main
 from hybridlm.models import HybridLM
 
 PROMPT = "Zürich — 日本"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+@pytest.fixture
+def checkpoint(tmp_path, make_config, byte_tokenizer):
     """A random byte-level hybrid (prone to emit bytes that form no valid UTF-8) with its tokenizer."""
-    path = tmp_path_factory.mktemp("checkpoint")
+    path = tmp_path / "checkpoint"
     torch.manual_seed(0)
-    model = HybridLM(tiny_config(vocab_size=257, pad_token_id=0, eos_token_id=256))
+    model = HybridLM(make_config(vocab_size=257, pad_token_id=0, eos_token_id=256))
     model.save_pretrained(path)
-    tokenizer = byte_level_tokenizer()
+    tokenizer = byte_tokenizer
     tokenizer.save(str(path / "tokenizer.json"))
     return path, tokenizer
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generation_models import VOCAB, tiny_model
-from hybridlm.generate import Generator, generate
+from hybridlm.generate import Generator
 from hybridlm.models.memory import decoding_memory
+
+VOCAB = 97  # the tiny models' vocabulary (conftest.tiny_config)
 
 
 def _naive_greedy(model, prompt: list[int], max_new_tokens: int, stops=(1,)) -> list[int]:
@@ -28,8 +29,8 @@ def _prompts(lengths, seed=0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("name", ["hybrid-rope", "hybrid-nope", "olmo3-like", "pure-gdn", "deltanet-nogate"])
-def test_batch_of_different_lengths_equals_each_prompt_alone_and_the_naive_loop(name):
-    model = tiny_model(name, seed=5)
+def test_batch_of_different_lengths_equals_each_prompt_alone_and_the_naive_loop(name, make_model):
+    model = make_model(name, seed=5)
     prompts = _prompts([9, 2, 14, 5], seed=6)
     batched = model.generate(prompts, max_new_tokens=12, stop_token_ids=())
     for prompt, tokens in zip(prompts, batched):
@@ -37,8 +38,8 @@ def test_batch_of_different_lengths_equals_each_prompt_alone_and_the_naive_loop(
         assert tokens == _naive_greedy(model, prompt, 12, stops=())
 
 
-def test_tensor_input_with_attention_mask_equals_list_input():
-    model = tiny_model(seed=7)
+def test_tensor_input_with_attention_mask_equals_list_input(make_model):
+    model = make_model(seed=7)
     prompts = _prompts([6, 3], seed=8)
     ids = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
     mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
@@ -46,8 +47,8 @@ def test_tensor_input_with_attention_mask_equals_list_input():
     assert model.generate(torch.tensor(prompts[0]), max_new_tokens=4) == model.generate(prompts[:1], max_new_tokens=4)
 
 
-def test_stop_tokens_end_each_sequence_independently():
-    model = tiny_model(seed=9)
+def test_stop_tokens_end_each_sequence_independently(make_model):
+    model = make_model(seed=9)
     prompts = _prompts([4, 7, 2], seed=10)
     free = model.generate(prompts, max_new_tokens=10, stop_token_ids=())
     # Stop on the token each row emits at step 3 (and on nothing earlier in that row).
@@ -62,18 +63,18 @@ def test_stop_tokens_end_each_sequence_independently():
     assert all(out[-1] in stops for out in stopped)
 
 
-def test_default_stop_token_is_eos_and_is_kept():
-    model = tiny_model(seed=11)
+def test_default_stop_token_is_eos_and_is_kept(make_model):
+    model = make_model(seed=11)
     prompt = _prompts([5], seed=12)[0]
     free = model.generate([prompt], max_new_tokens=8, stop_token_ids=())[0]
-    eos_model = tiny_model(seed=11)
+    eos_model = make_model(seed=11)
     eos_model.config = eos_model.config.replace(eos_token_id=free[2])
     out = eos_model.generate([prompt], max_new_tokens=8)[0]
     assert out == free[: free.index(free[2]) + 1]
 
 
-def test_sampling_is_seeded_and_respects_top_k_and_top_p():
-    model = tiny_model(seed=13)
+def test_sampling_is_seeded_and_respects_top_k_and_top_p(make_model):
+    model = make_model(seed=13)
     prompts = _prompts([5, 3], seed=14)
     a = model.generate(prompts, max_new_tokens=10, temperature=1.0, seed=123, stop_token_ids=())
     b = model.generate(prompts, max_new_tokens=10, temperature=1.0, seed=123, stop_token_ids=())
@@ -84,8 +85,8 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p():
     assert model.generate(prompts, max_new_tokens=10, temperature=2.0, top_p=1e-6, seed=1, stop_token_ids=()) == greedy
 
 
-def test_generator_is_reusable_and_pads_the_batch_with_filler_rows():
-    model = tiny_model(seed=15)
+def test_generator_is_reusable_and_pads_the_batch_with_filler_rows(make_model):
+    model = make_model(seed=15)
     prompts = _prompts([3, 8, 5], seed=16)
     engine = Generator(model, batch_size=4, max_length=20)
     first = engine.generate(prompts, max_new_tokens=9)
@@ -98,8 +99,8 @@ def test_generator_is_reusable_and_pads_the_batch_with_filler_rows():
         engine.generate(prompts, max_new_tokens=13)
 
 
-def test_streamer_sees_every_token_and_stats_report_the_allocated_cache():
-    model = tiny_model(seed=17)
+def test_streamer_sees_every_token_and_stats_report_the_allocated_cache(make_model):
+    model = make_model(seed=17)
     prompts = _prompts([4, 6], seed=18)
     seen = []
     output = model.generate(prompts, max_new_tokens=7, streamer=seen.append, return_stats=True, stop_token_ids=())
@@ -111,16 +112,16 @@ def test_streamer_sees_every_token_and_stats_report_the_allocated_cache():
     assert "cache" in stats.summary()
 
 
-def test_prefill_in_chunks_equals_one_prefill():
-    model = tiny_model(seed=19)
+def test_prefill_in_chunks_equals_one_prefill(make_model):
+    model = make_model(seed=19)
     prompts = _prompts([13, 4, 9], seed=20)
     whole = model.generate(prompts, max_new_tokens=6, prefill_chunk_tokens=None)
     assert model.generate(prompts, max_new_tokens=6, prefill_chunk_tokens=3 * 4) == whole  # chunks of 4
     assert model.generate(prompts, max_new_tokens=6, prefill_chunk_tokens=1) == whole  # one token at a time
 
 
-def test_bad_input_is_rejected_clearly():
-    model = tiny_model()
+def test_bad_input_is_rejected_clearly(make_model):
+    model = make_model()
     with pytest.raises(ValueError, match="empty prompt"):
         model.generate([[]], max_new_tokens=3)
     with pytest.raises(ValueError, match="empty prompt"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from generation_models import byte_level_tokenizer
 from hybridlm.generate import IncrementalDetokenizer
 
 TEXT = "naïve café — 日本語 ok 🙂🙂 fin"
@@ -21,8 +20,8 @@ def test_byte_tokens_stream_whole_characters_only():
     assert pieces.count("") > 5  # multi-byte characters were held back until complete
 
 
-def test_hugging_face_byte_level_tokenizer_round_trips():
-    tokenizer = byte_level_tokenizer()
+def test_hugging_face_byte_level_tokenizer_round_trips(byte_tokenizer):
+    tokenizer = byte_tokenizer
     ids = tokenizer.encode(TEXT).ids
     assert len(ids) == len(TEXT.encode("utf-8"))  # one token per byte: characters are split
     detokenizer = IncrementalDetokenizer(tokenizer.decode)

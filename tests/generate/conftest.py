@@ -1,8 +1,8 @@
-"""Tiny models and a byte-level tokenizer for the generation tests (a uniquely named helper module,
-not a conftest: several test folders have their own conftest.py)."""
+"""Fixtures for the generation tests: tiny models of every layer kind, a byte-level tokenizer."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hybridlm.models import HybridConfig, HybridLM
@@ -66,3 +66,20 @@ def byte_level_tokenizer():
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
     tokenizer.add_special_tokens(["<|endoftext|>"])
     return tokenizer
+
+
+@pytest.fixture
+def make_model():
+    """make_model(name="hybrid-rope", seed=0) -> a tiny HybridLM in eval mode (names: CONFIGS)."""
+    return tiny_model
+
+
+@pytest.fixture
+def make_config():
+    """make_config(layer_pattern="GGAS", **overrides) -> a tiny HybridConfig."""
+    return tiny_config
+
+
+@pytest.fixture
+def byte_tokenizer():
+    return byte_level_tokenizer()
