@@ -58,6 +58,7 @@ def test_yaml_and_overrides(tmp_path):
         ("model.overrides.n_layerz=3", "unknown HybridConfig fields"),
         ("trainer.micro_batch_size=5", "must be a multiple of trainer.micro_batch_size"),
         ("trainer.device=tpu", "trainer.device must be"),
+        ("trainer.gdn_impl=cuda-magic", "trainer.gdn_impl must be one of"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):

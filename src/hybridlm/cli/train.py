@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
 
     from hybridlm.train import ConfigError, TrainConfig, TrainingError, train
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, TrainingError, CheckpointWriteError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     print()
     print(f"run directory: {result.run_dir}")
     if result.val_loss is not None:

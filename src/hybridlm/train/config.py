@@ -44,6 +44,7 @@ class ModelSection:
     preset: str = "hybrid-mini"
     vocab_size: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    rope: str = "keep"  # keep | drop (DRoPE) | yarn: positional encoding of attention layers (train/extend.py)
 
 
 @dataclass
@@ -56,7 +57,7 @@ class DataSection:
 
     dataset: str = "embedded"
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int = 8
     intra_document_masking: bool = True
     seed: int = 1234
 
@@ -100,12 +101,14 @@ class ScheduleSection:
 class TrainerSection:
     """The loop: length, batch split, numerics, evaluation, checkpoints, logging and the final sample."""
 
-    steps: int = 300
+    steps: int = 250
     micro_batch_size: int | None = None  # sequences per rank per forward; None: batch_size / world size
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
+    init_from: str | None = None  # run / checkpoint / HF dir: start from its weights and architecture (train/extend.py)
+    gdn_impl: str = "auto"  # gated delta rule backend: auto, chunk (PyTorch), triton, ... (hybridlm.ops)
     seed: int = 0  # model initialisation
     log_every: int = 10
     eval_every: int = 50  # 0: evaluate only at the end
@@ -238,6 +241,12 @@ class TrainConfig:
             trainer.device == "auto" or trainer.device.split(":")[0] in ("cpu", "cuda"),
             f"trainer.device must be 'auto', 'cpu' or 'cuda[:N]' (got {trainer.device!r})",
         )
+        from hybridlm.ops.gated_delta_rule import available_impls
+
+        need(
+            trainer.gdn_impl in available_impls(),
+            f"trainer.gdn_impl must be one of {available_impls()} (got {trainer.gdn_impl!r})",
+        )
         need(trainer.precision in PRECISIONS, f"trainer.precision must be one of {list(PRECISIONS)} (got {trainer.precision!r})")
         for name in ("log_every",):
             need(getattr(trainer, name) > 0, f"trainer.{name} must be positive (got {getattr(trainer, name)})")
@@ -252,18 +261,26 @@ class TrainConfig:
 
         vocab_size/eos/pad given here (from the tokenizer) apply unless model.vocab_size or an
         override sets them. With a vocabulary given, the preset's eos/pad ids are replaced (they may
-        not exist in the new vocabulary).
+        not exist in the new vocabulary). With trainer.init_from, the source checkpoint's architecture and
+        vocabulary replace the preset's; model.rope then applies (train/extend.py).
         """
         from hybridlm.models import get_preset
+        from hybridlm.train.extend import apply_rope_mode, inspect_init_source
 
         fields = dict(self.model.overrides)
-        vocab = self.model.vocab_size or fields.pop("vocab_size", None) or vocab_size
-        if vocab is not None:
-            fields["vocab_size"] = vocab
-            # The preset's special ids may not fit a smaller vocabulary; the tokenizer's ids replace them.
-            fields.setdefault("eos_token_id", eos_token_id if eos_token_id is not None and eos_token_id < vocab else None)
-            fields.setdefault("pad_token_id", pad_token_id if pad_token_id is not None and pad_token_id < vocab else None)
-        return get_preset(self.model.preset, **fields)
+        source = inspect_init_source(self.trainer.init_from) if self.trainer.init_from else None
+        if source is not None:  # the source's architecture and vocabulary; overrides must keep parameter shapes
+            config = source.config.replace(**fields) if fields else source.config
+        else:
+            vocab = self.model.vocab_size or fields.pop("vocab_size", None) or vocab_size
+            if vocab is not None:
+                fields["vocab_size"] = vocab
+                # The preset's special ids may not fit a smaller vocabulary; the tokenizer's ids replace them.
+                fields.setdefault("eos_token_id", eos_token_id if eos_token_id is not None and eos_token_id < vocab else None)
+                fields.setdefault("pad_token_id", pad_token_id if pad_token_id is not None and pad_token_id < vocab else None)
+            config = get_preset(self.model.preset, **fields)
+        return apply_rope_mode(config, self.model.rope, seq_len=self.data.seq_len, source=source,
+                               explicit_scaling="rope_scaling" in self.model.overrides)
 
 
 def tokenizer_vocab_to_model_vocab(tokenizer_vocab: int, multiple: int = 128) -> int:

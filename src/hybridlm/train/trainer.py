@@ -51,6 +51,7 @@ from hybridlm.train.distributed import (
     set_gradient_sync,
     shutdown_distributed,
 )
+from hybridlm.train.extend import load_initial_weights
 from hybridlm.train.logging import MetricsLogger, plot_loss_curve
 from hybridlm.train.loss import IGNORE_INDEX, language_model_loss_sums
 from hybridlm.train.optim import SkipStepGuard, build_optimizer, lr_at
@@ -117,6 +118,8 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
     _seed_everything(trainer.seed)
     with torch.device(env.device):
         model = HybridLM(model_config)
+    if trainer.init_from:
+        echo(load_initial_weights(model, trainer.init_from, tokenizer))
     n_params = model.num_parameters(exclude_embeddings=True)
     compute_dtype = _compute_dtype(trainer.precision, env)
     if trainer.activation_checkpointing:
@@ -184,6 +187,7 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
                 output = model(
                     batch.input_ids.to(env.device),
                     doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
+                    gdn_impl=trainer.gdn_impl,
                 )
             sums = language_model_loss_sums(output.logits, batch.labels.to(env.device))
             loss = (sums.cross_entropy + optim_config.z_loss * sums.z_loss) * scale
@@ -220,9 +224,11 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
             )
             if reason is not None:
                 record["skipped"] = True
+            if env.device.type == "cuda":
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             window_tokens, window_time = 0, 0.0
         if evaluate_now:
-            val_loss, val_bpb = _evaluate(model, eval_loader, token_bytes, env, compute_dtype)
+            val_loss, val_bpb = _evaluate(model, eval_loader, token_bytes, env, compute_dtype, trainer.gdn_impl)
             first_val_loss = val_loss if first_val_loss is None else first_val_loss
             record.update(val_loss=val_loss, val_bpb=val_bpb)
             _write_line(bar, echo, f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
@@ -282,7 +288,7 @@ def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model, loader, token_bytes: torch.Tensor, env: DistributedEnv, compute_dtype) -> tuple[float, float]:
+def _evaluate(model, loader, token_bytes: torch.Tensor, env: DistributedEnv, compute_dtype, gdn_impl: str) -> tuple[float, float]:
     """(mean cross-entropy in nats per token, bits per byte) on the held-out instances.
 
     Bits per byte = sum of cross-entropy nats / (ln 2 * UTF-8 bytes of the target tokens), with the
@@ -295,6 +301,7 @@ def _evaluate(model, loader, token_bytes: torch.Tensor, env: DistributedEnv, com
             output = model(
                 batch.input_ids.to(env.device),
                 doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
+                gdn_impl=gdn_impl,
             )
         sums = language_model_loss_sums(output.logits, batch.labels.to(env.device))
         ce_sum += sums.cross_entropy.item()
