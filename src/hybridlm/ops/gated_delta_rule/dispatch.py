@@ -16,6 +16,7 @@ import torch
 
 from hybridlm.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 from hybridlm.ops.gated_delta_rule.recurrent import recurrent_gated_delta_rule
+from hybridlm.ops.gated_delta_rule.triton.backend import note_backend_choice, register_gpu_backends
 
 # Without gradients, up to this many tokens the token loop beats the fixed cost of the chunked
 # form (which always works on whole chunks of 64); decoding (T == 1) is the case that matters.
@@ -66,6 +67,8 @@ register_backend(
     priority=10,
     prefers=lambda q, needs_grad: not needs_grad and q.shape[1] <= RECURRENT_MAX_TOKENS,
 )
+# GPU backends: "triton" (auto's choice for CUDA tensors) and "fla" (by name only).
+register_gpu_backends(register_backend)
 
 
 def gated_delta_rule(
@@ -112,6 +115,7 @@ def gated_delta_rule(
     elif not math.isfinite(scale) or scale == 0:
         raise ValueError(f"scale must be a finite non-zero number (None means K ** -0.5); got {scale}")
     backend = _select_backend(impl, q, (q, k, v, g, beta, initial_state))
+    note_backend_choice(backend.name, q)
     return backend.fn(
         q,
         k,

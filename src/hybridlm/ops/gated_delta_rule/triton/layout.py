@@ -1,0 +1,65 @@
+"""Where the chunks of a batch (or of packed documents) sit, computed on the device without a host sync.
+
+Every sequence is cut into its own chunks of C = 64 tokens, starting at the sequence start; the last
+one may be partial. The parallel kernels run one program per chunk *slot*; the sequential kernels run
+one program per sequence and walk its chunks. Chunk-indexed buffers (the chunk-entry states) are laid
+out by global chunk index `chunk_offsets[seq] + local`.
+
+With packed documents the number of chunks is only known on the device, so the grid has an upper
+bound of slots, floor(T / C) + N (each document adds at most one partial chunk), and the spare slots
+carry sequence index -1: their programs return at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Device-side description of the sequences and their chunks.
+
+    cu_seqlens: int32 [N+1] token offsets of the N sequences in the flattened token axis.
+    chunk_offsets: int32 [N+1] global index of each sequence's first chunk.
+    chunk_seq: int32 [num_slots] sequence of each chunk slot (-1: spare slot).
+    chunk_local: int32 [num_slots] chunk index within its sequence.
+    num_seqs: N. num_slots: grid size of the per-chunk kernels (>= the number of chunks).
+    """
+
+    cu_seqlens: torch.Tensor
+    chunk_offsets: torch.Tensor
+    chunk_seq: torch.Tensor
+    chunk_local: torch.Tensor
+    num_seqs: int
+    num_slots: int
+
+
+def sequence_layout(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> SequenceLayout:
+    """The chunk layout of B sequences of length T, or of the packed documents in cu_seqlens (B == 1)."""
+    if cu_seqlens is None:
+        chunks = (seq_len + CHUNK - 1) // CHUNK
+        num_slots = batch * chunks
+        slots = torch.arange(num_slots, device=device, dtype=torch.int32)
+        return SequenceLayout(
+            cu_seqlens=torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len,
+            chunk_offsets=torch.arange(batch + 1, device=device, dtype=torch.int32) * chunks,
+            chunk_seq=slots // chunks,
+            chunk_local=slots % chunks,
+            num_seqs=batch,
+            num_slots=num_slots,
+        )
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    num_seqs = cu.numel() - 1
+    chunks = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
+    chunk_offsets = torch.cat([cu.new_zeros(1), chunks.cumsum(0, dtype=torch.int32)])
+    num_slots = seq_len // CHUNK + num_seqs
+    slots = torch.arange(num_slots, device=device, dtype=torch.int32)
+    seq = torch.searchsorted(chunk_offsets[1:], slots, right=True).to(torch.int32)
+    valid = slots < chunk_offsets[-1]
+    seq = torch.where(valid, seq, -1)
+    local = slots - chunk_offsets[seq.clamp(min=0).long()]
+    return SequenceLayout(cu, chunk_offsets, seq, local, num_seqs, num_slots)

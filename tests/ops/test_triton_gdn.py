@@ -1,0 +1,150 @@
+"""Triton gated delta rule (chunked fwd/bwd, recurrent, in-place decode) against the float64 reference.
+
+Runs the kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1) at small sizes; the same
+checks at model sizes on a GPU are in benchmarks/gdn_gpu.py. Budget: ~40 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from hybridlm.ops.gated_delta_rule import gated_delta_rule, naive_gated_delta_rule  # noqa: E402
+from hybridlm.ops.gated_delta_rule.triton import (  # noqa: E402
+    chunk_gated_delta_rule_triton,
+    gated_delta_rule_decode_,
+    recurrent_gated_delta_rule_triton,
+)
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the kernels on CPU tensors under TRITON_INTERPRET=1", allow_module_level=True)
+
+# The interpreter computes in float32 (numpy); float32 inputs must match the float64 reference to
+# float32 rounding, far under the 5e-3 the GPU checks allow for bf16.
+TOL = 1e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(batch, seq_len, heads, value_heads, key_dim, value_dim, *, gate_scale=0.5, num_seqs=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_len, heads, key_dim, generator=gen)
+    k = torch.randn(batch, seq_len, heads, key_dim, generator=gen)
+    v = torch.randn(batch, seq_len, value_heads, value_dim, generator=gen)
+    g = -torch.rand(batch, seq_len, value_heads, generator=gen) * gate_scale
+    beta = torch.rand(batch, seq_len, value_heads, generator=gen) * 2  # negative eigenvalues allowed
+    h0 = torch.randn(num_seqs or batch, value_heads, key_dim, value_dim, generator=gen)
+    return q, k, v, g, beta, h0
+
+
+def _check_fwd_bwd(q, k, v, g, beta, h0, *, cu_seqlens=None, use_qk_l2norm=True, tol=TOL):
+    inputs = [q, k, v, g, beta] + ([h0] if h0 is not None else [])
+    for x in inputs:
+        x.requires_grad_(True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(v.shape, generator=gen)
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    dht = torch.randn(num_seqs, *v.shape[2:3], q.shape[3], v.shape[3], generator=gen)
+    kwargs = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    ref_o, ref_s = naive_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    ref_grads = torch.autograd.grad((ref_o * do.double()).sum() + (ref_s * dht.double()).sum(), inputs)
+    o, s = chunk_gated_delta_rule_triton(q, k, v, g, beta, **kwargs)
+    grads = torch.autograd.grad((o * do).sum() + (s * dht).sum(), inputs)
+    assert torch.isfinite(o).all() and all(torch.isfinite(x).all() for x in grads)
+    assert _rel(o, ref_o) < tol, f"o: {_rel(o, ref_o):.2e}"
+    assert _rel(s, ref_s) < tol, f"final state: {_rel(s, ref_s):.2e}"
+    for name, got, want in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, ref_grads):
+        assert _rel(got, want) < tol, f"{name}: {_rel(got, want):.2e}"
+
+
+def test_chunk_grouped_values_partial_chunk_initial_state():
+    # T = 100: one full chunk and a partial one; HV = 2 H (grouped values); beta up to 2.
+    _check_fwd_bwd(*_inputs(2, 100, 1, 2, 16, 32))
+
+
+def test_chunk_wider_keys_no_initial_state():
+    q, k, v, g, beta, _ = _inputs(1, 70, 2, 2, 32, 16, seed=2)
+    _check_fwd_bwd(q, k, v, g, beta, None)
+
+
+def test_chunk_packed_documents_extreme_gates():
+    # Documents of 1, 63, 0, 64 and 21 tokens; per-step decays down to exp(-30) and exact 1s.
+    cu_seqlens = torch.tensor([0, 1, 64, 64, 128, 149])
+    q, k, v, g, beta, h0 = _inputs(1, 149, 1, 1, 16, 16, gate_scale=30.0, num_seqs=5, seed=3)
+    g[:, ::7] = 0.0
+    _check_fwd_bwd(q, k, v, g, beta, h0, cu_seqlens=cu_seqlens)
+
+
+def test_chunk_without_l2norm():
+    q, k, v, g, beta, h0 = _inputs(1, 80, 1, 1, 16, 16, seed=4)
+    q, k = q * 0.2, k * 0.2  # keep the unnormalised recurrence well conditioned
+    _check_fwd_bwd(q, k, v, g, beta, h0, use_qk_l2norm=False)
+
+
+def test_chunk_very_small_decays_stay_finite():
+    # exp(g) underflows to 0 in float32: no inf, no NaN, and the state simply restarts.
+    q, k, v, g, beta, h0 = _inputs(1, 96, 1, 1, 16, 16, seed=5)
+    g.fill_(-1e4)
+    o, s = chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    ref_o, ref_s = naive_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert torch.isfinite(o).all() and _rel(o, ref_o) < TOL and _rel(s, ref_s) < TOL
+
+
+def test_chunk_bfloat16_inputs():
+    q, k, v, g, beta, h0 = _inputs(1, 70, 1, 2, 16, 32, seed=6)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    o, s = chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    ref_o, ref_s = naive_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert _rel(o, ref_o) < 5e-3 and _rel(s, ref_s) < 5e-3
+
+
+def test_recurrent_matches_reference_with_documents():
+    cu_seqlens = torch.tensor([0, 3, 3, 10])
+    q, k, v, g, beta, h0 = _inputs(1, 10, 1, 2, 16, 24, num_seqs=3, seed=7)
+    kwargs = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    o, s = recurrent_gated_delta_rule_triton(q, k, v, g, beta, **kwargs)
+    ref_o, ref_s = naive_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    assert _rel(o, ref_o) < TOL and _rel(s, ref_s) < TOL
+
+
+def test_decode_step_updates_state_in_place():
+    q, k, v, g, beta, h0 = _inputs(3, 4, 2, 4, 16, 16, seed=8)
+    ref_o, ref_s = naive_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    state = h0.clone()
+    outs = [gated_delta_rule_decode_(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1], beta[:, t : t + 1], state) for t in range(4)]
+    assert _rel(torch.cat(outs, dim=1), ref_o) < TOL and _rel(state, ref_s) < TOL
+
+
+def test_decode_step_rejects_non_float32_state():
+    q, k, v, g, beta, h0 = _inputs(1, 1, 1, 1, 16, 16)
+    with pytest.raises(ValueError, match="float32"):
+        gated_delta_rule_decode_(q, k, v, g, beta, h0.double())
+
+
+def test_dispatcher_runs_triton_by_name():
+    q, k, v, g, beta, h0 = _inputs(1, 20, 1, 1, 16, 16, seed=9)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, impl="triton")
+    ref_o, ref_s = naive_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert _rel(o, ref_o) < TOL and _rel(s, ref_s) < TOL
+
+
+def test_custom_op_registration():
+    # Schema, fake (meta) implementation and autograd registration: what torch.compile relies on.
+    q, k, v, g, beta, h0 = _inputs(1, 16, 1, 1, 16, 16, seed=10)
+    for x in (q, k, v, g, beta, h0):
+        x.requires_grad_(True)
+    op = torch.ops.hybridlm.gdn_chunk.default
+    torch.library.opcheck(
+        op, (q, k, v, g, beta, h0, None, 0.25, True, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
