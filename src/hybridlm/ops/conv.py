@@ -8,8 +8,12 @@ left context, so nothing leaks across a boundary.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def causal_conv1d(
@@ -43,6 +47,16 @@ def causal_conv1d(
         )
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None; got {activation!r}")
+    differentiable_cache = initial_state is not None and initial_state.requires_grad
+    if x.is_cuda and TRITON_AVAILABLE and x.dtype != torch.float64 and not differentiable_cache:
+        # The fused Triton kernel (hybridlm.ops.triton.conv); this function's body is its reference
+        # (and the path for float64 and for a cache that needs a gradient).
+        from hybridlm.ops.triton.conv import causal_conv1d_triton
+
+        return causal_conv1d_triton(
+            x, weight, activation=activation, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        )
     batch, seq_len, channels = x.shape
     width = weight.shape[1]
     if cu_seqlens is not None:

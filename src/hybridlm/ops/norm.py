@@ -5,8 +5,12 @@ Both compute in float32 and apply the weight in float32 before casting back to t
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,6 +32,11 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     Returns x's dtype. Everything is computed in float32 as fla's fused kernel does; in float32
     this equals transformers' implementation exactly.
     """
+    if x.is_cuda and TRITON_AVAILABLE and x.dtype != torch.float64:
+        # One fused Triton kernel each way (hybridlm.ops.triton.norm); the lines below are its reference.
+        from hybridlm.ops.triton.norm import gated_rms_norm_triton
+
+        return gated_rms_norm_triton(x, gate, weight, eps)
     input_dtype = x.dtype
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
