@@ -39,7 +39,9 @@ def test_run_directory_layout(reference_run):
     config, run_dir, result = reference_run
     assert (result.step, result.tokens) == (6, 6 * 4 * 32)
     assert TrainConfig.from_yaml(run_dir / "config.yaml") == config
-    assert json.loads((run_dir / "model_config.json").read_text())["vocab_size"] == 512  # tokenizer's 512, a multiple of 128
+    model_config = json.loads((run_dir / "model_config.json").read_text())
+    assert model_config["vocab_size"] == 512  # the tokenizer's 512, already a multiple of 128
+    assert (model_config["eos_token_id"], model_config["pad_token_id"]) == (0, 1)  # from the tokenizer
     assert (run_dir / "tokenizer.json").is_file() and (run_dir / "loss_curve.png").stat().st_size > 1000
     assert [step for step, _ in list_checkpoints(run_dir)] == [3, 6]
     records = read_metrics(run_dir)
@@ -150,6 +152,8 @@ def test_export_to_hugging_face_format(reference_run, tmp_path):
     out = tmp_path / "hf"
     assert main(["export", str(run_dir), str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (tokenizer_config["eos_token"], tokenizer_config["pad_token"]) == ("<|endoftext|>", "<|pad|>")
     exported = HybridLM.from_pretrained(out).eval()
     trained = load_model_from_run_dir(run_dir)
     ids = torch.randint(0, 512, (2, 16))

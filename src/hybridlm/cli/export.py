@@ -59,8 +59,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
             "eos_token": loaded.eos_token,
             "model_max_length": model.config.max_seq_len,
         }
-        pad_id = model.config.pad_token_id
-        if pad_id is not None and pad_id < loaded.vocab_size:
-            tokenizer_config["pad_token"] = loaded.decode([pad_id]) or None
+        if loaded.pad_token_id is not None:
+            tokenizer_config["pad_token"] = loaded.decode([loaded.pad_token_id])
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1) + "\n")
     return out_dir
