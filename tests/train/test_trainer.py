@@ -186,3 +186,24 @@ def test_default_command_smoke(tmp_path, monkeypatch, capsys):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["preset"] == "hybrid-mini" and saved["trainer"]["steps"] == 2
     assert [step for step, _ in list_checkpoints(run_dir)] == [2]
+
+
+def test_tensorboard_and_wandb_only_when_installed(tiny_config, tmp_path):
+    """Asked-for logging backends either work or fail up front with the pip command that fixes it."""
+    import importlib.util
+
+    from hybridlm.train.logging import MetricsLogger
+
+    for override, module, hint in (
+        ("trainer.tensorboard=true", "tensorboard", "pip install tensorboard"),
+        ("trainer.wandb_project=demo", "wandb", "pip install wandb"),
+    ):
+        config = tiny_config(override)
+        if importlib.util.find_spec(module) is None:
+            with pytest.raises(ImportError, match=hint):
+                MetricsLogger(tmp_path, config)
+        elif module == "tensorboard":
+            logger = MetricsLogger(tmp_path, config)
+            logger.log(step=1, train_loss=1.0)
+            logger.close()
+            assert any((tmp_path / "tensorboard").iterdir())
