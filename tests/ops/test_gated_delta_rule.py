@@ -332,6 +332,28 @@ def test_inputs_are_not_modified():
         assert all(torch.equal(a, b) for a, b in zip((q, k, v, g, beta, h0), copies)), impl
 
 
+def test_autocast_leaves_the_precision_alone():
+    # Under bf16 autocast (as in mixed-precision training) the op still computes in float32.
+    q, k, v, g, beta, h0 = _inputs(1, 70, 2, 2, 8, 8, gates="mixed")
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+    for impl in IMPLS:
+        expected = gated_delta_rule(*leaves, initial_state=h0, output_final_state=True, impl=impl)
+        expected_grads = torch.autograd.grad(expected[0].sum(), leaves)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, s = gated_delta_rule(*leaves, initial_state=h0, output_final_state=True, impl=impl)
+        grads = torch.autograd.grad(o.sum(), leaves)  # backward outside autocast, as PyTorch advises
+        assert torch.equal(o, expected[0]) and torch.equal(s, expected[1]), impl
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads)), impl
+
+
+def test_empty_inputs():
+    for batch, seq_len in [(2, 0), (0, 5)]:
+        q, k, v, g, beta, h0 = _inputs(batch, seq_len, 1, 2, 4, 3)
+        for impl in IMPLS:
+            o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, impl=impl)
+            assert o.shape == v.shape and torch.equal(s, h0)
+
+
 def test_final_state_only_when_asked():
     q, k, v, g, beta, _ = _inputs(1, 3, 1, 1, 4, 4)
     for impl in IMPLS:

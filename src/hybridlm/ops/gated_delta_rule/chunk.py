@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.gated_delta_rule.common import compute_dtype, document_bounds
+from hybridlm.ops.gated_delta_rule.common import autocast_off, compute_dtype, document_bounds
 
 CHUNK_SIZE = 64
 
@@ -290,6 +290,18 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, plan, scale, use_qk_l2norm):
+        with autocast_off(q.device):
+            return _ChunkGatedDeltaRule._forward(
+                ctx, q, k, v, g, beta, initial_state, plan, scale, use_qk_l2norm
+            )
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_final_state):
+        with autocast_off(ctx.plan.doc_order.device):
+            return _ChunkGatedDeltaRule._backward(ctx, grad_o, grad_final_state)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, g, beta, initial_state, plan, scale, use_qk_l2norm):
         q, k, v = _to_chunks(q, plan), _to_chunks(k, plan), _to_chunks(v, plan)
         q_factor = _normalize_(q, scale, use_qk_l2norm)
         k_factor = _normalize_(k, 1.0, use_qk_l2norm)
@@ -344,7 +356,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         return _from_chunks(o, plan), final_state[plan.doc_rank]
 
     @staticmethod
-    def backward(ctx, grad_o, grad_final_state):
+    def _backward(ctx, grad_o, grad_final_state):
         plan = ctx.plan
         (
             q_factor,

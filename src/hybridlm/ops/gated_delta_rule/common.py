@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -11,6 +13,14 @@ def compute_dtype(q: torch.Tensor) -> torch.dtype:
     The cumulative decays, the UT-transform matrix and the states stay in this dtype.
     """
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device`: the implementations pick their own precision (float32 decays,
+    UT transform and states), which autocast's bf16 matmuls would silently undo."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def normalize_qk(

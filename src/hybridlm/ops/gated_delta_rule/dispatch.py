@@ -116,6 +116,8 @@ def gated_delta_rule(
         raise ValueError(f"scale must be a finite non-zero number (None means K ** -0.5); got {scale}")
     backend = _select_backend(impl, q, (q, k, v, g, beta, initial_state))
     note_backend_choice(backend.name, q)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return _empty_result(q, v, initial_state, cu_seqlens, output_final_state)
     return backend.fn(
         q,
         k,
@@ -128,6 +130,18 @@ def gated_delta_rule(
         cu_seqlens=cu_seqlens,
         use_qk_l2norm=use_qk_l2norm,
     )
+
+
+def _empty_result(q, v, initial_state, cu_seqlens, output_final_state):
+    """No tokens (B == 0 or T == 0): empty outputs, and each state passes through unchanged."""
+    o = v.new_zeros(v.shape, dtype=q.dtype)
+    if not output_final_state:
+        return o, None
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if initial_state is not None:
+        return o, initial_state.to(dtype, copy=True)
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    return o, q.new_zeros(num_seqs, v.shape[2], q.shape[3], v.shape[3], dtype=dtype)
 
 
 def _select_backend(impl: str, q: torch.Tensor, tensors: tuple) -> Backend:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridlm.ops.gated_delta_rule.common import compute_dtype, document_bounds, normalize_qk
+from hybridlm.ops.gated_delta_rule.common import autocast_off, compute_dtype, document_bounds, normalize_qk
 
 
 def recurrent_gated_delta_rule(
@@ -38,6 +38,13 @@ def recurrent_gated_delta_rule(
     Returns (o [B, T, HV, V] in q's dtype, final state [N, HV, K, V] float32 (float64 for
     float64 inputs) or None).
     """
+    with autocast_off(q.device):
+        return _recurrent(
+            q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm
+        )
+
+
+def _recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
     out_dtype = q.dtype
     dtype = compute_dtype(q)
     batch, seq_len, heads, key_dim = q.shape
