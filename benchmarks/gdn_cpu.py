@@ -45,6 +45,9 @@ def make_inputs(
 
 def transformers_chunk(q, k, v, g, beta):
     from transformers.models.olmo_hybrid.modeling_olmo_hybrid import torch_chunk_gated_delta_rule
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # its "falling back to PyTorch" notice is the point here
 
     return torch_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
 

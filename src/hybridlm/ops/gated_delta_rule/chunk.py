@@ -186,32 +186,57 @@ def _plan_chunks(
     )
 
 
-def _to_chunks(x: torch.Tensor, plan: _ChunkPlan) -> torch.Tensor:
-    """[num_tokens, HV, D] -> [num_chunks, HV, C, D], zeros in the padding."""
+def _to_chunks(x: torch.Tensor, plan: _ChunkPlan, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_tokens, HV, D] -> [num_chunks, HV, C, D], zeros in the padding; always a fresh tensor.
+
+    factor: optional [num_tokens, HV, 1] multiplier applied on the way (one pass instead of two).
+    """
     size, (heads, dim) = plan.chunk_size, x.shape[1:]
-    if plan.batch_shape is not None:
-        batch, seq_len = plan.batch_shape
-        num_steps = plan.num_chunks // batch
-        x = x.view(batch, seq_len, heads, dim)
-        if num_steps * size != seq_len:
-            x = F.pad(x, (0, 0, 0, 0, 0, num_steps * size - seq_len))
-        x = x.view(batch, num_steps, size, heads, dim).permute(1, 0, 3, 2, 4)
-        # Always a fresh contiguous copy (reshape could return a view of the caller's tensor).
-        return x.clone(memory_format=torch.contiguous_format).view(plan.num_chunks, heads, size, dim)
-    chunked = x.new_zeros(plan.num_chunks * size, heads, dim)
-    chunked.index_copy_(0, plan.token_rows, x)
-    return chunked.view(plan.num_chunks, size, heads, dim).transpose(1, 2).contiguous()
+    if plan.batch_shape is None:
+        if factor is not None:
+            x = x * factor
+        chunked = x.new_zeros(plan.num_chunks * size, heads, dim)
+        chunked.index_copy_(0, plan.token_rows, x)
+        return chunked.view(plan.num_chunks, size, heads, dim).transpose(1, 2).contiguous()
+    out = x.new_empty(plan.num_chunks, heads, size, dim)
+    x = _as_steps(x, plan)
+    if factor is None:
+        _as_steps(out, plan, chunked=True).copy_(x)
+    else:
+        torch.mul(x, _as_steps(factor, plan), out=_as_steps(out, plan, chunked=True))
+    return out
 
 
-def _from_chunks(x: torch.Tensor, plan: _ChunkPlan) -> torch.Tensor:
-    """[num_chunks, HV, C, D] -> [num_tokens, HV, D] (inverse of `_to_chunks`)."""
+def _from_chunks(x: torch.Tensor, plan: _ChunkPlan, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_chunks, HV, C, D] -> [num_tokens, HV, D] (inverse of `_to_chunks`), optionally times
+    factor [num_tokens, HV, 1] on the way."""
     num_chunks, heads, size, dim = x.shape
-    if plan.batch_shape is not None:
-        batch, seq_len = plan.batch_shape
-        x = x.view(num_chunks // batch, batch, heads, size, dim).permute(1, 0, 3, 2, 4)
-        return x.reshape(batch, -1, heads, dim)[:, :seq_len].reshape(batch * seq_len, heads, dim)
-    rows = x.transpose(1, 2).reshape(num_chunks * size, heads, dim)
-    return rows.index_select(0, plan.token_rows)
+    if plan.batch_shape is None:
+        rows = x.transpose(1, 2).reshape(num_chunks * size, heads, dim).index_select(0, plan.token_rows)
+        return rows if factor is None else rows.mul_(factor)
+    batch, seq_len = plan.batch_shape
+    out = x.new_empty(batch, num_chunks // batch * size, heads, dim)
+    x = _as_steps(x, plan, chunked=True)
+    if factor is None:
+        _as_steps(out, plan).copy_(x)
+    else:
+        torch.mul(x, _as_steps(factor, plan), out=_as_steps(out, plan))
+    return out[:, :seq_len].reshape(batch * seq_len, heads, dim)
+
+
+def _as_steps(x: torch.Tensor, plan: _ChunkPlan, chunked: bool = False) -> torch.Tensor:
+    """Plain batches only: a view [steps, B, HV, C, D] of a token-layout tensor ([B * T, HV, D],
+    zero-padded to whole chunks when T is not a multiple of C, or already padded [B, steps * C, HV, D])
+    or, with chunked=True, of a chunked-layout tensor [num_chunks, HV, C, D]."""
+    size = plan.chunk_size
+    batch = plan.batch_shape[0]
+    num_steps = plan.num_chunks // batch
+    if chunked:
+        return x.unflatten(0, (num_steps, batch))
+    x = x.reshape(batch, -1, *x.shape[-2:])
+    if x.shape[1] != num_steps * size:
+        x = F.pad(x, (0, 0, 0, 0, 0, num_steps * size - x.shape[1]))
+    return x.view(batch, num_steps, size, *x.shape[-2:]).permute(1, 0, 3, 2, 4)
 
 
 def _decays(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,26 +268,20 @@ def _pair_gate_grad(dpair: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(row_prefix.sum(-2)[..., :-1], (1, 0))
 
 
-def _normalize_(x: torch.Tensor, scale: float, use_l2norm: bool) -> torch.Tensor:
-    """x <- factor * x in place, factor = scale * (sum(x^2) + 1e-6)^-1/2 over the last dim (or
-    just scale without l2norm). Returns factor, [..., 1] (a 0-dim tensor without l2norm)."""
-    if use_l2norm:
-        factor = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_().mul_(scale)
-    else:
-        factor = x.new_tensor(scale)
-    x.mul_(factor)
-    return factor
+def _normalize_factor(x: torch.Tensor, scale: float, use_l2norm: bool) -> torch.Tensor:
+    """factor = scale * (sum(x^2) + 1e-6)^-1/2 over the last dim ([..., 1]), or just scale."""
+    if not use_l2norm:
+        return x.new_full((*x.shape[:-1], 1), scale)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
-def _normalize_backward_(
-    dx_hat: torch.Tensor, x_hat: torch.Tensor, factor: torch.Tensor, scale: float, use_l2norm: bool
-):
-    """Gradient w.r.t. the raw x of x_hat = factor * x (see `_normalize_`), computed in dx_hat's memory:
-    dx = factor * (dx_hat - x_hat (x_hat . dx_hat) / scale^2)."""
+def _normalize_backward_(dx_hat: torch.Tensor, x_hat: torch.Tensor, scale: float, use_l2norm: bool):
+    """For x_hat = factor * x (see `_normalize_factor`), dx = factor * (dx_hat - x_hat (x_hat . dx_hat)
+    / scale^2). Computes the bracket in dx_hat's memory; the caller applies factor."""
     if use_l2norm:
         dot = (x_hat * dx_hat).sum(-1, keepdim=True)
         dx_hat.addcmul_(x_hat, dot, value=-1.0 / scale**2)
-    return dx_hat.mul_(factor)
+    return dx_hat
 
 
 def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
@@ -302,9 +321,12 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, k, v, g, beta, initial_state, plan, scale, use_qk_l2norm):
-        q, k, v = _to_chunks(q, plan), _to_chunks(k, plan), _to_chunks(v, plan)
-        q_factor = _normalize_(q, scale, use_qk_l2norm)
-        k_factor = _normalize_(k, 1.0, use_qk_l2norm)
+        # Normalisation factors in token layout, applied while reordering into chunks.
+        q_factor = _normalize_factor(q, scale, use_qk_l2norm)
+        k_factor = _normalize_factor(k, 1.0, use_qk_l2norm)
+        q, k = _to_chunks(q, plan, q_factor), _to_chunks(k, plan, k_factor)
+        v = _to_chunks(v, plan)
+        beta_tokens = beta
         g = _to_chunks(g.unsqueeze(-1), plan).squeeze(-1)
         beta = _to_chunks(beta.unsqueeze(-1), plan).squeeze(-1)
         if initial_state is None:
@@ -333,25 +355,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
         ctx.plan, ctx.scale, ctx.use_qk_l2norm = plan, scale, use_qk_l2norm
         ctx.save_for_backward(
-            q_factor,
-            k_factor,
-            q,
-            k,
-            v,
-            beta,
-            k_beta,
-            decay_matrix,
-            exp_gamma,
-            exp_to_end,
-            q_decayed,
-            k_to_end,
-            a,
-            t,
-            w,
-            states,
-            delta,
-            p,
-        )
+            q_factor, k_factor, beta_tokens, q, k, v, beta, k_beta, decay_matrix, exp_gamma, exp_to_end,
+            q_decayed, k_to_end, a, t, w, states, delta, p,
+        )  # fmt: skip
         ctx.set_materialize_grads(False)
         return _from_chunks(o, plan), final_state[plan.doc_rank]
 
@@ -359,25 +365,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     def _backward(ctx, grad_o, grad_final_state):
         plan = ctx.plan
         (
-            q_factor,
-            k_factor,
-            q,
-            k,
-            v,
-            beta,
-            k_beta,
-            decay_matrix,
-            exp_gamma,
-            exp_to_end,
-            q_decayed,
-            k_to_end,
-            a,
-            t,
-            w,
-            states,
-            delta,
-            p,
-        ) = ctx.saved_tensors
+            q_factor, k_factor, beta_tokens, q, k, v, beta, k_beta, decay_matrix, exp_gamma, exp_to_end,
+            q_decayed, k_to_end, a, t, w, states, delta, p,
+        ) = ctx.saved_tensors  # fmt: skip
         if grad_o is None:
             do = torch.zeros_like(delta)
         else:
@@ -415,23 +405,23 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dq = _bmm(dp, k).addcmul_(dq_decayed, exp_gamma.unsqueeze(-1))
         dk = _add_bmm_(_bmm(dp.mT, q), neg_da.mT, k_beta, alpha=-1.0)
         dk.addcmul_(neg_dk_beta, beta.unsqueeze(-1), value=-1.0).addcmul_(dk_to_end, exp_to_end.unsqueeze(-1))
-        dv = dv_beta * beta.unsqueeze(-1)
 
         # Row sums of products for beta and the gate exponents. Each product overwrites a gradient
         # that is no longer needed: fresh large tensors cost page faults on CPU.
+        dv = _from_chunks(dv_beta, plan, beta_tokens.unsqueeze(-1))  # dV = beta dVb, in token layout
         dbeta = dv_beta.mul_(v).sum(-1) - neg_dk_beta.mul_(k).sum(-1)
         dgamma = dq_decayed.mul_(q_decayed).sum(-1) - exp_gamma * neg_dkb.mul_(k_beta).sum(-1)
         dgamma[..., -1] += exp_gamma[..., -1] * dstates_out.mul_(states).sum((-2, -1))  # d e^gamma_C
         dto_end = dk_to_end.mul_(k_to_end).sum(-1)
         dg = _suffix_sum(dgamma) + F.pad(dto_end[..., :-1], (1, 0)).cumsum(-1) + _pair_gate_grad(dpair)
 
-        dq = _normalize_backward_(dq, q, q_factor, ctx.scale, ctx.use_qk_l2norm)
-        dk = _normalize_backward_(dk, k, k_factor, 1.0, ctx.use_qk_l2norm)
+        dq = _normalize_backward_(dq, q, ctx.scale, ctx.use_qk_l2norm)
+        dk = _normalize_backward_(dk, k, 1.0, ctx.use_qk_l2norm)
         dinitial = dinitial_state[plan.doc_rank] if ctx.needs_input_grad[5] else None
         return (
-            _from_chunks(dq, plan),
-            _from_chunks(dk, plan),
-            _from_chunks(dv, plan),
+            _from_chunks(dq, plan, q_factor),
+            _from_chunks(dk, plan, k_factor),
+            dv,
             _from_chunks(dg.unsqueeze(-1), plan).squeeze(-1),
             _from_chunks(dbeta.unsqueeze(-1), plan).squeeze(-1),
             dinitial,
