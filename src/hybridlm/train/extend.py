@@ -77,8 +77,8 @@ def inspect_init_source(path: str | Path) -> InitSource:
         config = config_from_hf(json.loads((path / "config.json").read_text()))
         tokenizer = path / "tokenizer.json"
         return InitSource(path, "hf", config, None, tokenizer if tokenizer.is_file() else None)
-    raise ConfigError(f"trainer.init_from={str(path)!r} holds neither a training run (model_config.json + checkpoints/) "
-                     "nor a Hugging Face checkpoint (config.json + model.safetensors)")
+    raise ConfigError(f"trainer.init_from={str(path)!r} holds neither a training run (model_config.json + "
+                      "checkpoints/) nor a Hugging Face checkpoint (config.json + model.safetensors)")
 
 
 def apply_rope_mode(config, mode: str, *, seq_len: int, source: InitSource | None, explicit_scaling: bool = False):
