@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "hybridlm.cli.fit",
     "hybridlm.cli.generate",
     "hybridlm.cli.tasks",
+    "hybridlm.cli.theory",
     "hybridlm.cli.eval",
 ]
 
