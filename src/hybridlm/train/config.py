@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
+SCHEDULES = ("cosine", "linear", "wsd", "wsds", "constant")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -89,12 +89,17 @@ class ScheduleSection:
 
     cosine: half cosine from lr to the floor; linear: straight line to the floor; wsd: constant,
     then a linear decay over the last decay_fraction of the steps; constant: lr after warmup.
+    wsds (WSD-S, Wen et al. 2024): the run is cut into periods ending at the steps `period_ends`
+    (the last one is trainer.steps); each period holds lr, then decays linearly to the floor over
+    its last decay_fraction, and the next period starts again at lr from the decayed weights. The
+    trainer evaluates and checkpoints before and after every decay (the scaling ladder's D points).
     """
 
     name: str = "cosine"
     warmup_steps: int = 20
     final_lr_ratio: float = 0.1
-    decay_fraction: float = 0.1  # wsd only
+    decay_fraction: float = 0.1  # wsd and wsds
+    period_ends: list[int] = field(default_factory=list)  # wsds only: the step that ends each period
 
 
 @dataclass
@@ -183,7 +188,10 @@ class TrainConfig:
                 return {k: plain(v) for k, v in value.items()}
             return value
 
-        return {name: plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        values = {name: plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        if not values["schedule"]["period_ends"]:  # only wsds has periods; other configs read as they always did
+            del values["schedule"]["period_ends"]
+        return values
 
     def to_yaml(self) -> str:
         """Block-style sections, short lists inline (betas: [0.9, 0.95])."""
@@ -230,6 +238,28 @@ class TrainConfig:
             f"schedule.decay_fraction must lie in (0, 1] (got {schedule.decay_fraction})",
         )
         need(trainer.steps > 0, f"trainer.steps must be positive (got {trainer.steps})")
+        if schedule.name == "wsds":
+            ends = list(schedule.period_ends)
+            periods_valid = bool(ends) and all(a < b for a, b in zip([0] + ends, ends)) and ends[-1] == trainer.steps
+            need(
+                periods_valid,
+                f"schedule.period_ends must be increasing positive steps ending at trainer.steps={trainer.steps} "
+                f"for the wsds schedule (got {ends})",
+            )
+            if periods_valid:
+                from hybridlm.train.optim import wsds_decay_windows
+
+                first_decay = wsds_decay_windows(schedule)[0][0]
+                need(
+                    schedule.warmup_steps <= first_decay,
+                    f"schedule.warmup_steps ({schedule.warmup_steps}) must end before the first decay of the wsds "
+                    f"schedule (step {first_decay}); shorten the warmup or lengthen the first period",
+                )
+        else:
+            need(
+                not schedule.period_ends,
+                f"schedule.period_ends is only used by the wsds schedule (name is {schedule.name!r}); remove it",
+            )
         if trainer.micro_batch_size is not None:
             need(trainer.micro_batch_size > 0, f"trainer.micro_batch_size must be positive (got {trainer.micro_batch_size})")
             need(

@@ -51,6 +51,7 @@ def lr_at(step: int, peak_lr: float, total_steps: int, schedule: ScheduleSection
     Warmup rises linearly and reaches the peak at step warmup_steps - 1 (step 0 already trains at
     peak / warmup_steps). After warmup: cosine or linear from the peak to final_lr_ratio * peak at the
     last step; wsd holds the peak, then decays linearly over the last decay_fraction of all steps;
+    wsds does the same within each period of `schedule.period_ends` (see wsds_decay_windows);
     constant holds the peak.
     """
     warmup = schedule.warmup_steps
@@ -58,6 +59,13 @@ def lr_at(step: int, peak_lr: float, total_steps: int, schedule: ScheduleSection
     if step < warmup:
         return peak_lr * (step + 1) / warmup
     if schedule.name == "constant":
+        return peak_lr
+    if schedule.name == "wsds":
+        for decay_start, end in wsds_decay_windows(schedule):
+            if step < end:
+                if step < decay_start:
+                    return peak_lr
+                return peak_lr + (floor - peak_lr) * (step - decay_start + 1) / (end - decay_start)
         return peak_lr
     if schedule.name == "wsd":
         decay_steps = max(1, round(schedule.decay_fraction * total_steps))
@@ -73,6 +81,41 @@ def lr_at(step: int, peak_lr: float, total_steps: int, schedule: ScheduleSection
     if schedule.name == "cosine":
         return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {schedule.name!r}")
+
+
+def wsds_decay_windows(schedule: ScheduleSection) -> list[tuple[int, int]]:
+    """(decay_start, end) of each WSD-S period, in optimizer steps.
+
+    Period k runs from the previous end (0 for the first) to period_ends[k]; its decay covers its last
+    max(1, round(decay_fraction * period length)) steps. Steps decay_start .. end - 1 (0-based) decay,
+    reaching final_lr_ratio * lr at step end - 1, so after `decay_start` steps the weights are
+    pre-decay and after `end` steps post-decay. E.g. periods ending at 10, 20, 40, 80, 160 with
+    decay_fraction 0.1 decay from 9, 19, 38, 76, 152 (TrainConfig.validate keeps the warmup out of
+    the first decay).
+    """
+    windows, previous = [], 0
+    for end in schedule.period_ends:
+        length = end - previous
+        decay_steps = min(length, max(1, round(schedule.decay_fraction * length)))
+        windows.append((end - decay_steps, end))
+        previous = end
+    return windows
+
+
+def wsds_decay_points(schedule: ScheduleSection) -> dict[int, tuple[str, int]]:
+    """{step: ("pre_decay" or "post_decay", period index)}: where a WSD-S run evaluates and checkpoints.
+
+    Empty for every other schedule. Keys are step counts after the update (the trainer's `step`).
+    """
+    if schedule.name != "wsds":
+        return {}
+    points = {}
+    for period, (decay_start, end) in enumerate(wsds_decay_windows(schedule)):
+        # A one-step period starts its decay at once: its pre-decay weights are the previous period's
+        # post-decay weights, and that label is the one kept.
+        points.setdefault(decay_start, ("pre_decay", period))
+        points[end] = ("post_decay", period)
+    return points
 
 
 class SkipStepGuard:

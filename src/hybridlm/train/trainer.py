@@ -54,7 +54,7 @@ from hybridlm.train.distributed import (
 from hybridlm.train.extend import load_initial_weights
 from hybridlm.train.logging import MetricsLogger, plot_loss_curve
 from hybridlm.train.loss import IGNORE_INDEX, language_model_loss_sums
-from hybridlm.train.optim import SkipStepGuard, build_optimizer, lr_at
+from hybridlm.train.optim import SkipStepGuard, build_optimizer, lr_at, wsds_decay_points
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
@@ -169,6 +169,8 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
     window_tokens, window_time = 0, 0.0
     train_loss = val_loss = val_bpb = first_val_loss = None
     last_checkpoint = checkpoint_dir
+    # WSD-S: evaluate and checkpoint before and after every decay ({step: (label, period)}).
+    decay_points = wsds_decay_points(config.schedule)
     while step < trainer.steps:
         step_started = time.perf_counter()
         lr = lr_at(step, optim_config.lr, trainer.steps, config.schedule)
@@ -212,7 +214,8 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
 
         record: dict[str, Any] = {}
         last = step == trainer.steps
-        evaluate_now = bool(trainer.eval_every and step % trainer.eval_every == 0) or last
+        decay_point = decay_points.get(step)
+        evaluate_now = bool(trainer.eval_every and step % trainer.eval_every == 0) or last or decay_point is not None
         if step % trainer.log_every == 0 or step == 1 or evaluate_now:
             record.update(
                 train_loss=train_loss,
@@ -231,6 +234,8 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
             val_loss, val_bpb = _evaluate(model, eval_loader, token_bytes, env, compute_dtype, trainer.gdn_impl)
             first_val_loss = val_loss if first_val_loss is None else first_val_loss
             record.update(val_loss=val_loss, val_bpb=val_bpb)
+            if decay_point is not None:
+                record.update(decay_point=decay_point[0], period=decay_point[1])
             _write_line(bar, echo, f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
         if record:
             logger.log(step=step, tokens=tokens, elapsed_s=time.perf_counter() - started, **record)
@@ -241,7 +246,7 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
         elif "tokens_per_s" in record:
             echo(f"step {step}/{trainer.steps}: loss {train_loss:.4f}, lr {lr:.3g}, {record['tokens_per_s']:,.0f} tok/s")
 
-        if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or last:
+        if (trainer.checkpoint_every and step % trainer.checkpoint_every == 0) or last or decay_point is not None:
             trainer_state = {
                 "tokens": tokens,
                 "skipped_steps": skipped,
