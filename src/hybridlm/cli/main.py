@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "hybridlm.cli.data",
     "hybridlm.cli.tokenizer",
     "hybridlm.cli.fit",
+    "hybridlm.cli.ladder",
     "hybridlm.cli.generate",
     "hybridlm.cli.tasks",
     "hybridlm.cli.theory",

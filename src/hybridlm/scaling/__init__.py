@@ -1,4 +1,4 @@
-"""Scaling laws: Chinchilla fits L(N, D) = E + A/N^alpha + B/D^beta, bootstrap intervals, cross-validation,
+"""Scaling ladders (plans, WSD-S runs, results.csv) and scaling laws: Chinchilla fits L(N, D) = E + A/N^alpha + B/D^beta, bootstrap intervals, cross-validation,
 compute-optimal allocation, token-savings factors, and their plots.
 
 scipy is needed for fitting: pip install 'hybridlm[scaling]'.
@@ -27,8 +27,30 @@ from hybridlm.scaling.fit import (
     savings_table,
     token_savings,
 )
+from hybridlm.scaling.ladder import (
+    LadderError,
+    LadderPlan,
+    LadderPoint,
+    LadderRun,
+    RunStatus,
+    build_plan,
+    ladder_status,
+    load_plan,
+    run_ladder,
+    write_plan,
+)
 
 __all__ = [
+    "LadderError",
+    "LadderPlan",
+    "LadderPoint",
+    "LadderRun",
+    "RunStatus",
+    "build_plan",
+    "ladder_status",
+    "load_plan",
+    "run_ladder",
+    "write_plan",
     "ArchitectureAnalysis",
     "BootstrapFits",
     "ChinchillaFit",
