@@ -207,3 +207,19 @@ def test_tensorboard_and_wandb_only_when_installed(tiny_config, tmp_path):
             logger.log(step=1, train_loss=1.0)
             logger.close()
             assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_failing_sample_is_reported_after_the_run(tiny_config, tmp_path, monkeypatch, capsys):
+    from hybridlm.cli.main import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generation broke")
+
+    monkeypatch.setattr(trainer_module, "generate_sample", broken)
+    config = tmp_path / "c.yaml"
+    config.write_text(tiny_config("trainer.steps=1", "trainer.sample_tokens=4").to_yaml())
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "val loss" in captured.out and "checkpoint:" in captured.out  # the summary still comes
+    assert "generating the sample" in captured.err and "generation broke" in captured.err
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [1]

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         print("sample:")
         print(result.sample)
+    if result.sample_error is not None:
+        print(f"error: the run finished, but generating the sample from {result.checkpoint} failed: "
+              f"{result.sample_error}", file=sys.stderr)
+        return 1
     return 0
 
 

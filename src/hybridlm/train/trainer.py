@@ -76,6 +76,7 @@ class TrainResult:
     skipped_steps: int
     checkpoint: Path | None
     sample: str | None
+    sample_error: str | None
     seconds: float
 
 
@@ -263,9 +264,14 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
         plot_loss_curve(run_dir)
 
     # The sample, from the final checkpoint ------------------------------------------------------------
-    sample = None
+    sample = sample_error = None
     if trainer.sample_tokens and env.is_main and last_checkpoint is not None:
-        sample = generate_sample(run_dir, tokenizer, trainer.sample_prompt, trainer.sample_tokens, env.device)
+        # The run and its checkpoints are complete here; a failing sample is reported, not allowed to
+        # hide the run's results.
+        try:
+            sample = generate_sample(run_dir, tokenizer, trainer.sample_prompt, trainer.sample_tokens, env.device)
+        except Exception as error:  # noqa: BLE001 - reported through TrainResult.sample_error
+            sample_error = f"{type(error).__name__}: {error}"
     barrier(env)
     return TrainResult(
         run_dir=run_dir,
@@ -278,6 +284,7 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
         skipped_steps=skipped,
         checkpoint=last_checkpoint,
         sample=sample,
+        sample_error=sample_error,
         seconds=time.perf_counter() - started,
     )
 
