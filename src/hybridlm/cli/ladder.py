@@ -36,13 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--arch", required=True, help="comma-separated model families, e.g. olmo3,hybrid "
                       "(`hybridlm info --list` shows them)")
     plan.add_argument("--sizes", required=True, help="comma-separated sizes: the dolma2 ladder sizes 60M,100M,190M,"
-                      "370M,600M,760M,1B or the CPU micro sizes d16,d32,d48,d64,d80,d96,d128 (the name is d_model)")
+                      "370M,600M,760M,1B or the micro sizes d16,d32,d48,d64,d80,d96,d128,d192,d256 (4 layers, head dim 16; the name is d_model)")
     plan.add_argument("--multipliers", default="0.5,1,2,4,8",
                       help="Chinchilla multiples: D = multiplier x 20 x N (default 0.5,1,2,4,8)")
     plan.add_argument("--out", required=True, help="the plan directory to write")
     plan.add_argument("--dataset", help="a prepared dataset directory, 'embedded' (stdlib corpus, 8192-token BPE) or "
                       "'embedded:VOCAB' (the same corpus with a VOCAB-token BPE, prepared if needed); default "
-                      "data/dolma2-tokenized for ladder sizes, embedded for micro sizes")
+                      "data/dolma2-tokenized for ladder sizes, embedded:512 for micro sizes")
     plan.add_argument("--seq-len", type=int, help="sequence length (default 8192 for ladder sizes, 128 for micro)")
     plan.add_argument("--vocab-size", type=int, help="model vocabulary (default: the dataset tokenizer's, rounded up "
                       "to a multiple of 128; 100352 for ladder sizes when the dataset is not here)")

@@ -36,8 +36,9 @@ A plan directory:
     results.csv                               arch,N,D,loss + extras, one row per finished point
 
 Sizes: the ladder's dolma2 sizes 60m .. 1b (`hybridlm.models.presets.SIZES`, sequence length 8192),
-and micro sizes d16 .. d128 for CPU ladders (MICRO_SIZES: the name is d_model; the same shape rules
-at head dim 16, with the sliding window scaled to half the sequence as the ladder's 4096 of 8192).
+and micro sizes d16 .. d256 for CPU (and small GPU) ladders (MICRO_SIZES: the name is d_model; the
+same shape rules at head dim 16, with the sliding window scaled to half the sequence as the ladder's
+4096 of 8192; sequence length 128; data: the stdlib corpus with a 512-token BPE, `embedded:512`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,13 @@ MICRO_SIZES: dict[str, tuple[int, int, int, int]] = {
     "d80": (80, 5, 4, 320),
     "d96": (96, 6, 4, 384),
     "d128": (128, 8, 4, 512),
+    "d192": (192, 12, 4, 768),
+    "d256": (256, 16, 4, 1024),
 }
 MICRO_SEQ_LEN = 128
+# The stdlib corpus with a 512-token BPE: at d_model 16..80 an 8192-token LM head would be most of N and of the
+# compute (8192 x 80 = 655K parameters against 300K in the layers of d80).
+MICRO_DATASET = "embedded:512"
 
 # Config keys a plan computes from N and the multipliers; overriding them would break the plan's D points.
 RECIPE_KEYS = {
@@ -288,7 +294,7 @@ def build_plan(
 
     dataset: a prepared dataset directory, "embedded" (the stdlib corpus, 8192-token BPE) or
     "embedded:VOCAB" (the same corpus with a VOCAB-token BPE; prepared here if not cached yet). Default:
-    data/dolma2-tokenized for ladder sizes, embedded for micro sizes. seq_len default: 8192 / 128.
+    data/dolma2-tokenized for ladder sizes, embedded:512 for micro sizes. seq_len default: 8192 / 128.
     vocab_size: the model vocabulary (default: the tokenizer's, rounded up to a multiple of 128; 100,352
     for ladder sizes when the dataset does not exist here). overrides: `section.key=value` applied to every
     config last (they win over the recipe, e.g. trainer.device=cpu).
@@ -322,7 +328,7 @@ def build_plan(
     seq_len = seq_len or (LADDER_SEQ_LEN if kind == "ladder" else MICRO_SEQ_LEN)
     if seq_len < 2:
         raise LadderError(f"seq_len must be at least 2 (got {seq_len})")
-    dataset = dataset or (LADDER_DATASET if kind == "ladder" else "embedded")
+    dataset = dataset or (LADDER_DATASET if kind == "ladder" else MICRO_DATASET)
     dataset_path, vocab_size = _resolve_dataset(dataset, vocab_size, kind)
 
     runs, configs = [], {}
