@@ -2,6 +2,7 @@
 
     hybridlm tasks list
     hybridlm tasks sample TASK --n N --seed S [--set knob=value ...] [--tokens]
+    hybridlm tasks run --grid {cpu,gpu} --out DIR [--tasks ...] [--archs ...] [--seeds ...] [--steps N]
 
 Each subcommand is one `add_<name>(subcommands)` function listed in SUBCOMMANDS: it adds its parser and
 sets `func` (a callable taking the parsed arguments and returning an exit code).
@@ -104,4 +105,44 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_list, add_sample]
+# run --------------------------------------------------------------------------------------------------------
+def add_run(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "run",
+        help="train matched-size transformer / GDN / hybrid models on the tasks (expressivity experiments)",
+        description="Train small models of matched parameter count (transformer, GDN with beta in (0,1) and "
+        "(0,2), 3:1 and 1:1 hybrids) on each task of a grid over difficulties and seeds; write results.json, "
+        "tables.md and accuracy plots to --out. Runs already in results.json are skipped (resume).",
+    )
+    parser.add_argument("--grid", required=True, choices=["cpu", "gpu"],
+                        help="cpu: about 30 min on 2 cores; gpu: the larger grid, for one GPU")
+    parser.add_argument("--out", required=True, help="output directory (results.json, tables.md, PNG plots)")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="only these task settings of the grid")
+    parser.add_argument("--archs", nargs="+", metavar="ARCH", help="only these architectures")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="these seeds instead of the grid's")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run instead of the grid's")
+    parser.add_argument("--workers", type=int, help="runs in parallel (processes); default: the grid's")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the runs, parameter counts and the measured FLOPs / H200 time estimate; train nothing")
+    parser.set_defaults(func=run_run)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from hybridlm.tasks.experiments import get_grid, run_grid
+
+    try:
+        grid = get_grid(args.grid).select(tasks=args.tasks, archs=args.archs, seeds=args.seeds, steps=args.steps)
+        if args.dry_run:
+            from hybridlm.tasks.experiment_estimate import print_estimate
+
+            print_estimate(grid)
+            return 0
+        run_grid(grid, args.out, device=args.device, workers=args.workers)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
+    return 0
+
+
+SUBCOMMANDS = [add_list, add_sample, add_run]
