@@ -8,22 +8,27 @@ the chunk and gamma_i = g_1 + ... + g_i the within-chunk cumulative log decay:
     A      = strictly_lower(diag(beta) (K K^T) * Gamma)
     T      = (I + A)^-1                                                      the UT transform
     U      = T diag(beta) V,   W = T diag(beta e^gamma) K                     pseudo-values / keys
+    Kd     = diag(e^(gamma_C - gamma)) K,  Qd = diag(e^gamma) Q               keys to the chunk end, queries
+    M      = e^gamma_C I - Kd^T W                                            the chunk's state transition
+    S_C    = M S0 + Kd^T U                                                   state passed on
     Delta  = U - W S0                                                        the chunk's delta-rule errors
-    O      = diag(e^gamma) Q S0 + P Delta,   P = (Q K^T) * Gamma             (P keeps the diagonal)
-    S_C    = e^gamma_C S0 + (diag(e^(gamma_C - gamma)) K)^T Delta            state passed on
+    O      = Qd S0 + P Delta,   P = (Q K^T) * Gamma                          (P keeps the diagonal)
 
-Everything except the state pass is batched over all chunks at once; only the recurrence
-S0 -> S_C runs as a loop over chunks (two matmuls per step). Ops are arranged for CPU speed:
-in-place updates where a temporary would be dead anyway (fresh large tensors are expensive),
-fused multiply-adds (baddbmm, addcmul), and masks folded into the decay matrix.
+Everything except the state pass is batched over all chunks at once; the recurrence S0 -> S_C is a
+loop over chunks with one batched product per step (M and Kd^T U are formed beforehand, Delta
+afterwards). Ops are arranged for CPU speed, where memory traffic and the number of ops dominate:
+in-place updates where a temporary would be dead anyway, fused multiply-adds (baddbmm, addcmul),
+masks folded into the decay matrix, and diag(beta) K stacked on top of Q in one buffer so that
+[A; P] is one product with K^T (and their gradients one product each in the backward).
 
-Backward. Given dO and dS_C (from the next chunk, or from a loss on the final state), write
-Qd = diag(e^gamma) Q, Kd = diag(e^(gamma_C - gamma)) K and Kbeta = diag(beta) K. Reverse over chunks:
+Backward. Given dO and dS_C (from the next chunk, or from a loss on the final state), with
+Qe = Qd - P W (formed in the forward: O = Qe S0 + P U) and Kbeta = diag(beta) K:
 
-    dDelta = P^T dO + Kd dS_C
-    dS0    = Qd^T dO + e^gamma_C dS_C - W^T dDelta                     (carried to the previous chunk)
+    dDelta = P^T dO + Kd dS_C                                          (= dU)
+    dS0    = Qe^T dO + M^T dS_C                                        (carried to the previous chunk)
 
-then, batched over all chunks (S0 is the saved chunk-entry state):
+the second as a loop over chunks in reverse (one product per step), the first batched afterwards.
+Then, batched over all chunks (S0 is the saved chunk-entry state):
 
     dQd = dO S0^T       dP = dO Delta^T       dKd = Delta dS_C^T       d(e^gamma_C) = <dS_C, S0>
 
@@ -58,6 +63,12 @@ no division by a decay, and no cancellation between large cumulative sums (g = -
 gamma ~ -1900 inside a chunk; differences of such sums would lose the small decays). gamma, A, T and
 the states are float32 (float64 for float64 inputs).
 
+Chunk size. The chunk-by-chunk work (Gamma, A, T, P and their gradients) grows with C per token, the
+state-passing work (M, Kd^T U, the loop) with 1/C. C = 64 is the operator's specification and the
+default (CHUNK_SIZE); the code works for any C. On this project's 2-core CPU, C = 32 measured about
+10-20% faster at K = 32, V = 64 and the same at K = 64, V = 128 (docs/benchmarks.md), and the UT
+transform of fewer nearly parallel reflections is better conditioned in float32.
+
 Packed documents and batches share one layout. Every document is cut into its own chunks (the last
 one zero-padded; padding has k = v = 0, g = 0 and beta = 0, an exact no-op), and the chunks are
 ordered by step: first the chunk 0 of every document, then chunk 1 of every document that has one,
@@ -66,8 +77,7 @@ slice of chunks and a contiguous prefix of the document states: one batched upda
 no Python loop over documents and no chunk straddling two documents.
 
 Memory: the chunk-entry states (T/C states of [K, V] per head) are saved for the backward rather
-than recomputed. On CPU that memory is small next to the activations (K*V/C floats per token and
-head, e.g. 128 for K=64, V=128) and saves a second sequential pass, the slowest part of the backward.
+than recomputed, which saves a second sequential pass, the slowest part of the backward.
 """
 
 from __future__ import annotations
@@ -186,10 +196,13 @@ def _plan_chunks(
     )
 
 
-def _to_chunks(x: torch.Tensor, plan: _ChunkPlan, factor: torch.Tensor | None = None) -> torch.Tensor:
-    """[num_tokens, HV, D] -> [num_chunks, HV, C, D], zeros in the padding; always a fresh tensor.
+def _to_chunks(
+    x: torch.Tensor, plan: _ChunkPlan, factor: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[num_tokens, HV, D] -> [num_chunks, HV, C, D], zeros in the padding.
 
     factor: optional [num_tokens, HV, 1] multiplier applied on the way (one pass instead of two).
+    out: optional destination (a view into a larger buffer is fine); a fresh tensor otherwise.
     """
     size, (heads, dim) = plan.chunk_size, x.shape[1:]
     if plan.batch_shape is None:
@@ -197,8 +210,10 @@ def _to_chunks(x: torch.Tensor, plan: _ChunkPlan, factor: torch.Tensor | None = 
             x = x * factor
         chunked = x.new_zeros(plan.num_chunks * size, heads, dim)
         chunked.index_copy_(0, plan.token_rows, x)
-        return chunked.view(plan.num_chunks, size, heads, dim).transpose(1, 2).contiguous()
-    out = x.new_empty(plan.num_chunks, heads, size, dim)
+        chunked = chunked.view(plan.num_chunks, size, heads, dim).transpose(1, 2)
+        return chunked.contiguous() if out is None else out.copy_(chunked)
+    if out is None:
+        out = x.new_empty(plan.num_chunks, heads, size, dim)
     x = _as_steps(x, plan)
     if factor is None:
         _as_steps(out, plan, chunked=True).copy_(x)
@@ -240,32 +255,31 @@ def _as_steps(x: torch.Tensor, plan: _ChunkPlan, chunked: bool = False) -> torch
 
 
 def _decays(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Within-chunk log decays, g: [n, HV, C] -> (gamma, to_end, decay_matrix).
+    """Within-chunk decays, g: [n, C] -> (e^gamma [n, C, 1], e^to_end [n, C, 1], decay_matrix [n, C, C]).
 
     gamma[i] = g_1 + ... + g_i; to_end[j] = g_(j+1) + ... + g_C = gamma_C - gamma_j;
-    decay_matrix[i, j] = exp(g_(j+1) + ... + g_i) for i >= j, else 0: [n, HV, C, C].
+    decay_matrix[i, j] = exp(g_(j+1) + ... + g_i) for i >= j, else 0 (its last row is e^to_end).
     """
     size = g.shape[-1]
     strictly_lower = torch.ones(size, size, dtype=torch.bool, device=g.device).tril(-1)
     # pair_sums[i, j] = g_(j+1) + ... + g_i for i > j and 0 for i <= j: each sum is accumulated
     # directly (masked, then cumsum over i), so small decays keep their precision next to large ones.
     pair_sums = (g.unsqueeze(-1) * strictly_lower).cumsum_(-2)
-    to_end = pair_sums[..., -1, :].clone()
     # Entries with i <= j are exp(0) = 1 before masking: nothing can overflow.
     decay_matrix = pair_sums.exp_().tril_()
-    return g.cumsum(-1), to_end, decay_matrix
+    return g.cumsum(-1).exp_().unsqueeze(-1), decay_matrix[:, -1, :].unsqueeze(-1), decay_matrix
 
 
 def _pair_gate_grad(dpair: torch.Tensor) -> torch.Tensor:
     """Gate gradient from the pairwise exponents: dg_l = sum over i >= l > j of dpair[i, j].
 
-    dpair: [n, HV, C, C], the gradient of each exponent g_(j+1) + ... + g_i (zero above the
-    diagonal; the diagonal is not a function of g and is never summed). Returns [n, HV, C].
+    dpair: [n, C, C], the gradient of each exponent g_(j+1) + ... + g_i (zero above the diagonal;
+    the diagonal is not a function of g and is never summed). Returns [n, C].
     Summed as partial sums, never as a difference of larger sums.
     """
     # row_prefix[i, m] = sum_(j <= m) dpair[i, j]; dg_l = sum_(i > l - 1) row_prefix[i, l - 1].
     row_prefix = dpair.cumsum_(-1).tril_(-1)  # in place: dpair is a temporary
-    return torch.nn.functional.pad(row_prefix.sum(-2)[..., :-1], (1, 0))
+    return F.pad(row_prefix.sum(-2)[..., :-1], (1, 0))
 
 
 def _normalize_factor(x: torch.Tensor, scale: float, use_l2norm: bool) -> torch.Tensor:
@@ -275,13 +289,11 @@ def _normalize_factor(x: torch.Tensor, scale: float, use_l2norm: bool) -> torch.
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
-def _normalize_backward_(dx_hat: torch.Tensor, x_hat: torch.Tensor, scale: float, use_l2norm: bool):
-    """For x_hat = factor * x (see `_normalize_factor`), dx = factor * (dx_hat - x_hat (x_hat . dx_hat)
-    / scale^2). Computes the bracket in dx_hat's memory; the caller applies factor."""
-    if use_l2norm:
-        dot = (x_hat * dx_hat).sum(-1, keepdim=True)
-        dx_hat.addcmul_(x_hat, dot, value=-1.0 / scale**2)
-    return dx_hat
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum(x * y, -1) for [..., D] tensors, as a batch of 1 x D by D x 1 products (one pass, no
+    temporary the size of x; non-contiguous inputs are copied first)."""
+    dim = x.shape[-1]
+    return torch.bmm(x.reshape(-1, 1, dim), y.reshape(-1, dim, 1)).view(x.shape[:-1])
 
 
 def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
@@ -289,22 +301,23 @@ def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Matrix product over the last two dims of [n, HV, ., .] tensors (transposed views welcome)."""
-    return torch.matmul(a, b)
+def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """T = (I + strictly_lower(a))^-1 for a batch [n, C, C]: a's diagonal and upper part are ignored.
 
-
-def _add_bmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """out += alpha * a @ b in place, for contiguous [n, HV, ., .] out (no temporary product)."""
-    out.view(-1, *out.shape[-2:]).baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
-    return out
+    One LAPACK triangular solve per matrix (single-threaded). Blocked inverses built from batched
+    products (invert small diagonal blocks, merge with T21 = -T22 A21 T11) were measured slower on
+    CPU at C = 32 and 64: see docs/benchmarks.md.
+    """
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    return torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """Inputs in token layout (head-repeated, in the compute dtype): q, k [num_tokens, HV, K],
     v [num_tokens, HV, V], g, beta [num_tokens, HV], initial_state [N, HV, K, V] or None.
-    Outputs o [num_tokens, HV, V] and the final state. In the chunked layout every tensor is
-    [n, HV, C, .] with n = num_chunks. From here on q means scale * l2norm(q) and k means l2norm(k).
+    Outputs o [num_tokens, HV, V] and the final state. Inside, every chunked tensor is
+    [n, C, .] with n = num_chunks * HV (chunk-major, then head), and per-position vectors are
+    [n, C]. From here on q means scale * l2norm(q) and k means l2norm(k).
     """
 
     @staticmethod
@@ -320,79 +333,95 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             return _ChunkGatedDeltaRule._backward(ctx, grad_o, grad_final_state)
 
     @staticmethod
-    def _forward(ctx, q, k, v, g, beta, initial_state, plan, scale, use_qk_l2norm):
+    def _forward(ctx, q_tokens, k_tokens, v_tokens, g, beta_tokens, initial_state, plan, scale, use_qk_l2norm):
+        heads, key_dim = q_tokens.shape[1:]
+        value_dim = v_tokens.shape[-1]
+        size = plan.chunk_size
+        num_docs = len(plan.doc_order)
         # Normalisation factors in token layout, applied while reordering into chunks.
-        q_factor = _normalize_factor(q, scale, use_qk_l2norm)
-        k_factor = _normalize_factor(k, 1.0, use_qk_l2norm)
-        q, k = _to_chunks(q, plan, q_factor), _to_chunks(k, plan, k_factor)
-        v = _to_chunks(v, plan)
-        beta_tokens = beta
-        g = _to_chunks(g.unsqueeze(-1), plan).squeeze(-1)
-        beta = _to_chunks(beta.unsqueeze(-1), plan).squeeze(-1)
+        q_factor = _normalize_factor(q_tokens, scale, use_qk_l2norm)
+        k_factor = _normalize_factor(k_tokens, 1.0, use_qk_l2norm)
+        k = _to_chunks(k_tokens, plan, k_factor).flatten(0, 1)
+        rows = k.shape[0]
+        # [diag(beta) K; Q] in one buffer: a single product with K^T gives [A; P] (before the decays).
+        kq = k.new_empty(rows, 2 * size, key_dim)
+        k_beta, q = kq[:, :size], kq[:, size:]
+        _to_chunks(q_tokens, plan, q_factor, out=q.view(-1, heads, size, key_dim))
+        v_beta = _to_chunks(v_tokens, plan, beta_tokens.unsqueeze(-1)).flatten(0, 1)
+        g = _to_chunks(g.unsqueeze(-1), plan).view(rows, size)
+        beta = _to_chunks(beta_tokens.unsqueeze(-1), plan).view(rows, size, 1)
+        torch.mul(k, beta, out=k_beta)
         if initial_state is None:
-            initial_state = q.new_zeros(len(plan.doc_order), q.shape[1], q.shape[-1], v.shape[-1])
+            initial_state = k.new_zeros(num_docs * heads, key_dim, value_dim)
         else:
-            initial_state = initial_state[plan.doc_order]
+            initial_state = initial_state[plan.doc_order].flatten(0, 1)
 
-        gamma, to_end, decay_matrix = _decays(g)
-        exp_gamma, exp_to_end = gamma.exp(), to_end.exp()
-        k_beta = k * beta.unsqueeze(-1)
-        # UT transform for all chunks at once. `a` keeps A's diagonal: the unitriangular solve
-        # ignores it, and the backward masks it.
-        a = _bmm(k_beta, k.mT).mul_(decay_matrix)
-        eye = torch.eye(plan.chunk_size, dtype=q.dtype, device=q.device).expand_as(a)
-        t = torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
-        u = _bmm(t, v * beta.unsqueeze(-1))
-        w = _bmm(t, k_beta * exp_gamma.unsqueeze(-1))
-
-        k_to_end = k * exp_to_end.unsqueeze(-1)  # Kd: keys decayed to the chunk end
-        states, delta, final_state = _state_pass(
-            u, w, k_to_end, exp_gamma[..., -1], initial_state, plan.steps
-        )
-        q_decayed = q * exp_gamma.unsqueeze(-1)  # Qd: queries seeing the decayed entry state
-        p = _bmm(q, k.mT).mul_(decay_matrix)
-        o = _add_bmm_(_bmm(q_decayed, states), p, delta)
+        exp_gamma, exp_to_end, decay_matrix = _decays(g)
+        ap = torch.bmm(kq, k.mT)
+        ap.view(rows, 2, size, size).mul_(decay_matrix.unsqueeze(1))
+        a, p = ap[:, :size], ap[:, size:]  # `a` keeps A's diagonal: the solve ignores it
+        t = _unit_lower_inverse(a)
+        u = torch.bmm(t, v_beta)
+        del v_beta
+        w = torch.bmm(t, k_beta * exp_gamma)
+        k_to_end = k * exp_to_end  # Kd
+        transition = torch.bmm(k_to_end.mT, w).neg_()  # M = e^gamma_C I - Kd^T W
+        transition.diagonal(dim1=-2, dim2=-1).add_(exp_gamma[:, -1])
+        states, final_state = _state_pass(transition, torch.bmm(k_to_end.mT, u), initial_state, plan.steps, heads)
+        delta = u.baddbmm_(w, states, alpha=-1.0)  # Delta = U - W S0, in U's memory
+        q_decayed = q * exp_gamma  # Qd
+        o = torch.bmm(q_decayed, states).baddbmm_(p, delta)
+        q_entry = q_decayed.baddbmm_(p, w, alpha=-1.0)  # Qe = Qd - P W, in Qd's memory
 
         ctx.plan, ctx.scale, ctx.use_qk_l2norm = plan, scale, use_qk_l2norm
         ctx.save_for_backward(
-            q_factor, k_factor, beta_tokens, q, k, v, beta, k_beta, decay_matrix, exp_gamma, exp_to_end,
-            q_decayed, k_to_end, a, t, w, states, delta, p,
+            q_factor, k_factor, beta_tokens, v_tokens, kq, k, beta, decay_matrix, exp_gamma, exp_to_end,
+            k_to_end, q_entry, ap, t, transition, states, delta,
         )  # fmt: skip
         ctx.set_materialize_grads(False)
-        return _from_chunks(o, plan), final_state[plan.doc_rank]
+        o = _from_chunks(o.view(-1, heads, size, value_dim), plan)
+        return o, final_state.view(num_docs, heads, key_dim, value_dim)[plan.doc_rank]
 
     @staticmethod
     def _backward(ctx, grad_o, grad_final_state):
         plan = ctx.plan
         (
-            q_factor, k_factor, beta_tokens, q, k, v, beta, k_beta, decay_matrix, exp_gamma, exp_to_end,
-            q_decayed, k_to_end, a, t, w, states, delta, p,
+            q_factor, k_factor, beta_tokens, v_tokens, kq, k, beta, decay_matrix, exp_gamma, exp_to_end,
+            k_to_end, q_entry, ap, t, transition, states, delta,
         ) = ctx.saved_tensors  # fmt: skip
+        heads = q_factor.shape[1]
+        size = plan.chunk_size
+        rows, _, value_dim = delta.shape
+        num_docs = len(plan.doc_order)
+        k_beta, q = kq[:, :size], kq[:, size:]
+        a, p = ap[:, :size], ap[:, size:]
         if grad_o is None:
             do = torch.zeros_like(delta)
         else:
-            do = _to_chunks(grad_o.to(q.dtype), plan)
+            do = _to_chunks(grad_o.to(delta.dtype), plan).flatten(0, 1)
         if grad_final_state is None:
-            dfinal_state = states.new_zeros(len(plan.doc_order), *states.shape[1:])
+            dfinal_state = states.new_zeros(num_docs * heads, *states.shape[1:])
         else:
-            dfinal_state = grad_final_state.to(q.dtype)[plan.doc_order]
+            dfinal_state = grad_final_state.to(delta.dtype)[plan.doc_order].flatten(0, 1)
 
-        # Reverse state pass: dDelta = P^T dO + Kd dS_C, and dS_C of every chunk.
-        ddelta = _bmm(p.mT, do)
+        # Reverse state pass: dS_C of every chunk, then dDelta = P^T dO + Kd dS_C.
         dstates_out, dinitial_state = _reverse_state_pass(
-            ddelta, _bmm(q_decayed.mT, do), w, k_to_end, exp_gamma[..., -1], dfinal_state, plan
+            transition, torch.bmm(q_entry.mT, do), dfinal_state, plan, heads
         )
+        ddelta = torch.bmm(p.mT, do).baddbmm_(k_to_end, dstates_out)
 
         # O = Qd S0 + P Delta and S_C = e^gamma_C S0 + Kd^T Delta.
-        dq_decayed = _bmm(do, states.mT)
-        dp = _bmm(do, delta.mT)
-        dk_to_end = _bmm(delta, dstates_out.mT)
+        dq_decayed = torch.bmm(do, states.mT)
+        dp = torch.bmm(do, delta.mT)
+        del do
+        dk_to_end = torch.bmm(delta, dstates_out.mT)
         # UT transform: dU = dDelta and dW = -dDelta S0^T give dVb = T^T dDelta, dKb = -dVb S0^T
         # and dA = -(dVb U^T + dKb W^T) = -dVb (U - W S0)^T = -dVb Delta^T. The W side comes out
         # negated; it is kept negated (neg_*) and the sign is flipped where it is used.
-        dv_beta = _bmm(t.mT, ddelta)
-        neg_dkb = _bmm(dv_beta, states.mT)
-        neg_da = _bmm(dv_beta, delta.mT).tril_(-1)
+        dv_beta = torch.bmm(t.mT, ddelta)
+        del ddelta
+        neg_dkb = torch.bmm(dv_beta, states.mT)
+        neg_da = torch.bmm(dv_beta, delta.mT).tril_(-1)
 
         # Exponent gradients of the pairwise decays (dX * X for X = A, P), before dA and dP are
         # turned in place into gradients w.r.t. K_beta K^T and Q K^T (times Gamma).
@@ -401,29 +430,42 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dp.mul_(decay_matrix)
 
         # A = (diag(beta) K) K^T * Gamma and Kb = e^gamma (diag(beta) K): gradient w.r.t. diag(beta) K.
-        neg_dk_beta = _bmm(neg_da, k).addcmul_(neg_dkb, exp_gamma.unsqueeze(-1))
-        dq = _bmm(dp, k).addcmul_(dq_decayed, exp_gamma.unsqueeze(-1))
-        dk = _add_bmm_(_bmm(dp.mT, q), neg_da.mT, k_beta, alpha=-1.0)
-        dk.addcmul_(neg_dk_beta, beta.unsqueeze(-1), value=-1.0).addcmul_(dk_to_end, exp_to_end.unsqueeze(-1))
+        neg_dk_beta = torch.bmm(neg_da, k).addcmul_(neg_dkb, exp_gamma)
+        dq = torch.bmm(dp, k).addcmul_(dq_decayed, exp_gamma)
+        dk = torch.bmm(dp.mT, q).baddbmm_(neg_da.mT, k_beta, alpha=-1.0)
+        del dp, neg_da
+        dk.addcmul_(neg_dk_beta, beta, value=-1.0).addcmul_(dk_to_end, exp_to_end)
 
-        # Row sums of products for beta and the gate exponents. Each product overwrites a gradient
-        # that is no longer needed: fresh large tensors cost page faults on CPU.
-        dv = _from_chunks(dv_beta, plan, beta_tokens.unsqueeze(-1))  # dV = beta dVb, in token layout
-        dbeta = dv_beta.mul_(v).sum(-1) - neg_dk_beta.mul_(k).sum(-1)
-        dgamma = dq_decayed.mul_(q_decayed).sum(-1) - exp_gamma * neg_dkb.mul_(k_beta).sum(-1)
-        dgamma[..., -1] += exp_gamma[..., -1] * dstates_out.mul_(states).sum((-2, -1))  # d e^gamma_C
-        dto_end = dk_to_end.mul_(k_to_end).sum(-1)
-        dg = _suffix_sum(dgamma) + F.pad(dto_end[..., :-1], (1, 0)).cumsum(-1) + _pair_gate_grad(dpair)
+        # dV = beta dVb and the V part of dbeta, in token layout (the values are not kept in chunks).
+        dv = _from_chunks(dv_beta.view(-1, heads, size, value_dim), plan)
+        del dv_beta
+        dbeta_values = _row_dot(dv, v_tokens)
+        dv.mul_(beta_tokens.unsqueeze(-1))
+        dbeta = _row_dot(neg_dk_beta, k).neg_()
+        # gamma_i enters through Qd = e^gamma Q and Kb = e^gamma diag(beta) K, gamma_C also through
+        # e^gamma_C S0, and to_end_j through Kd.
+        dgamma = (_row_dot(dq_decayed, q) - _row_dot(neg_dkb, k_beta)).mul_(exp_gamma.squeeze(-1))
+        dgamma[:, -1] += exp_gamma[:, -1, 0] * _row_dot(dstates_out, states).sum(-1)
+        dto_end = _row_dot(dk_to_end, k_to_end)
+        dg = _suffix_sum(dgamma) + F.pad(dto_end[:, :-1], (1, 0)).cumsum(-1) + _pair_gate_grad(dpair)
 
-        dq = _normalize_backward_(dq, q, ctx.scale, ctx.use_qk_l2norm)
-        dk = _normalize_backward_(dk, k, 1.0, ctx.use_qk_l2norm)
-        dinitial = dinitial_state[plan.doc_rank] if ctx.needs_input_grad[5] else None
+        # Normalisation backward (module doc); the factors are applied while leaving the chunks.
+        if ctx.use_qk_l2norm:
+            dq.addcmul_(q, _row_dot(q, dq).unsqueeze(-1), value=-1.0 / ctx.scale**2)
+            dk.addcmul_(k, _row_dot(k, dk).unsqueeze(-1), value=-1.0)
+        dinitial = None
+        if ctx.needs_input_grad[5]:
+            dinitial = dinitial_state.view(num_docs, heads, *states.shape[1:])[plan.doc_rank]
+
+        def to_tokens(x: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+            return _from_chunks(x.view(-1, heads, size, x.shape[-1]), plan, factor)
+
         return (
-            _from_chunks(dq, plan, q_factor),
-            _from_chunks(dk, plan, k_factor),
+            to_tokens(dq, q_factor),
+            to_tokens(dk, k_factor),
             dv,
-            _from_chunks(dg.unsqueeze(-1), plan).squeeze(-1),
-            _from_chunks(dbeta.unsqueeze(-1), plan).squeeze(-1),
+            to_tokens(dg.unsqueeze(-1)).squeeze(-1),
+            to_tokens(dbeta.unsqueeze(-1)).squeeze(-1).add_(dbeta_values),
             dinitial,
             None,
             None,
@@ -431,70 +473,57 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         )
 
 
-def _state_pass(u, w, k_to_end, chunk_decay, initial_state, steps):
-    """The sequential part of the forward: the state entering every chunk, and Delta.
+def _state_pass(transition, incoming, initial_state, steps, heads):
+    """The sequential part of the forward: S_C = M S0 + Kd^T U, chunk after chunk.
 
-    u, w, k_to_end: [n, HV, C, V|K|K]; chunk_decay: [n, HV] (e^gamma_C); initial_state: [N, HV, K, V]
-    in plan order. Step s reads the states of its chunks and writes the states they pass on
-    straight into the entry slots of the same documents' next chunks (the next step's slice
-    begins with them) or, for documents that end, into the final states: no copies.
-    Returns (states [n, HV, K, V], delta [n, HV, C, V], final states [N, HV, K, V] in plan order).
+    transition (M): [n, K, K]; incoming (Kd^T U): [n, K, V]; initial_state: [N * HV, K, V] in plan
+    order; steps: (first chunk, count) per step. Step s reads the entry states of its chunks and
+    writes the states they pass on straight into the entry slots of the same documents' next chunks
+    (the next step's slice begins with them) or, for documents that end, into the final states.
+    Returns (entry states [n, K, V], final states [N * HV, K, V] in plan order).
     """
-    num_chunks, heads, size, value_dim = u.shape
-    key_dim = w.shape[-1]
-    states = u.new_empty(num_chunks, heads, key_dim, value_dim)
-    delta = torch.empty_like(u)
+    num_rows = transition.shape[0]
+    states = torch.empty_like(incoming)
     final_state = initial_state.clone()  # documents without tokens keep their initial state
     if steps:
-        first, count = steps[0]
+        count = steps[0][1] * heads
         states[:count] = initial_state[:count]
     for step, (first, count) in enumerate(steps):
-        chunks = slice(first, first + count)
-        # Delta = U - W S0, as one fused batched matmul.
-        torch.baddbmm(
-            u[chunks].flatten(0, 1),
-            w[chunks].flatten(0, 1),
-            states[chunks].flatten(0, 1),
-            alpha=-1,
-            out=delta[chunks].flatten(0, 1),
+        first, count = first * heads, count * heads
+        next_first, next_count = (
+            (steps[step + 1][0] * heads, steps[step + 1][1] * heads) if step + 1 < len(steps) else (num_rows, 0)
         )
-        next_first, next_count = steps[step + 1] if step + 1 < len(steps) else (num_chunks, 0)
-        # S_C = e^gamma_C S0 + Kd^T Delta: continuing documents first, then those that end here.
+        # Continuing documents first, then those that end here.
         for lo, hi, out in (
             (0, next_count, states[next_first : next_first + next_count]),
             (next_count, count, final_state[next_count:count]),
         ):
             if hi > lo:
                 part = slice(first + lo, first + hi)
-                torch.mul(states[part], chunk_decay[part, :, None, None], out=out)
-                out.flatten(0, 1).baddbmm_(k_to_end[part].flatten(0, 1).mT, delta[part].flatten(0, 1))
-    return states, delta, final_state
+                torch.baddbmm(incoming[part], transition[part], states[part], out=out)
+    return states, final_state
 
 
-def _reverse_state_pass(ddelta, dstate_from_o, w, k_to_end, chunk_decay, dfinal_state, plan):
-    """The sequential part of the backward, mirror of `_state_pass`.
+def _reverse_state_pass(transition, from_o, dfinal_state, plan, heads):
+    """The sequential part of the backward, mirror of `_state_pass`: dS0 = M^T dS_C + Qe^T dO.
 
-    ddelta: [n, HV, C, V] holding P^T dO, completed in place with Kd dS_C. dstate_from_o: Qd^T dO,
-    [n, HV, K, V]. dfinal_state: [N, HV, K, V] gradients of the final states in plan order.
-    Step s reads dS_C of its chunks and writes dS0 = e^gamma_C dS_C + Qd^T dO - W^T dDelta into the
-    dS_C slots of the same documents' previous chunks (or the initial-state gradients).
-    Returns (dS_C of every chunk [n, HV, K, V], gradients of the initial states [N, HV, K, V]).
+    from_o (Qe^T dO): [n, K, V]; dfinal_state: [N * HV, K, V] gradients of the final states in plan
+    order. Step s reads dS_C of its chunks and writes their dS0 into the dS_C slots of the same
+    documents' previous chunks (or the initial-state gradients).
+    Returns (dS_C of every chunk [n, K, V], gradients of the initial states [N * HV, K, V]).
     """
-    dstates_out = torch.empty_like(dstate_from_o)
-    with_chunks = len(plan.last_chunks)
-    dstates_out[plan.last_chunks] = dfinal_state[:with_chunks]
+    dstates_out = torch.empty_like(from_o)
+    last_rows = (plan.last_chunks[:, None] * heads + torch.arange(heads, device=from_o.device)).flatten()
+    dstates_out[last_rows] = dfinal_state[: len(last_rows)]
     dinitial_state = dfinal_state.clone()  # documents without tokens pass it straight through
-    for step in reversed(range(len(plan.steps))):
-        first, count = plan.steps[step]
-        chunks = slice(first, first + count)
-        dstate_out = dstates_out[chunks].flatten(0, 1)
-        chunk_ddelta = ddelta[chunks].flatten(0, 1)
-        chunk_ddelta.baddbmm_(k_to_end[chunks].flatten(0, 1), dstate_out)
+    steps = plan.steps
+    for step in reversed(range(len(steps))):
+        first, count = steps[step][0] * heads, steps[step][1] * heads
         if step > 0:
-            previous_first = plan.steps[step - 1][0]
+            previous_first = steps[step - 1][0] * heads
             out = dstates_out[previous_first : previous_first + count]
         else:
             out = dinitial_state[:count]
-        torch.addcmul(dstate_from_o[chunks], dstates_out[chunks], chunk_decay[chunks, :, None, None], out=out)
-        out.flatten(0, 1).baddbmm_(w[chunks].flatten(0, 1).mT, chunk_ddelta, alpha=-1)
+        chunks = slice(first, first + count)
+        torch.baddbmm(from_o[chunks], transition[chunks].mT, dstates_out[chunks], out=out)
     return dstates_out, dinitial_state
