@@ -1,7 +1,8 @@
 """GPU check and benchmark of hybridlm's Triton kernels: the gated delta rule (chunked fwd/bwd and the
 decode step), the fused short conv + SiLU and the fused gated RMSNorm.
 
-    python benchmarks/gdn_gpu.py [--out DIR] [--skip-check] [--skip-time] [--quick]
+    python benchmarks/gdn_gpu.py [--out DIR] [--skip-check] [--skip-time] [--quick] [--impls NAME ...]
+        [--gdn-only] [--profile] [--sweep] [--fla] [--budget SECONDS]
 
 1. Correctness, bf16 inputs (g, beta float32, as the layer makes them) against a float64 reference
    computed from the same values: the plain token loop at small sizes, hybridlm's PyTorch chunk path
@@ -10,12 +11,18 @@ decode step), the fused short conv + SiLU and the fused gated RMSNorm.
    (decays down to exp(-30) and exactly 1) and a 64K-token sequence. Relative error
    ||x - ref|| / ||ref|| of o, the final state and every gradient; the issue's bar is 5e-3.
 2. Timings (triton.testing.do_bench, median; inputs are several times the 60 MB L2): forward and
-   forward+backward of the kernel variants in `KernelOptions` at the issue's shapes, next to fla's
-   chunk_gated_delta_rule (forward, and forward+backward where its version allows) and PyTorch's
-   flash SDPA causal attention with the same B, T, heads and head dim 128.
-3. The conv, gated norm and decode kernels against the PyTorch paths they replace.
+   forward+backward at the issue's shapes of the chunked implementations ("triton", the default
+   on GPUs, and "triton-split", the split-bf16 kernels), fla's chunk_gated_delta_rule (forward)
+   and PyTorch's flash SDPA causal attention with the same B, T, heads and head dim 128. --sweep
+   times launch settings of "triton-split" (`SPLIT_OPTIONS`) at the first shape, each checked
+   against the default settings' output and gradients.
+3. The conv, gated norm and decode kernels against the PyTorch paths they replace (not with --gdn-only).
 
-Prints Markdown tables last; writes results.json (and the log) under --out.
+Prints Markdown tables last; writes results.json under --out after every step (print them again
+with --print-only). --budget: seconds after which the optional steps (sweep, profile, fla) are skipped.
+A kernel fault ends the CUDA context and so the process: run the implementations in separate
+processes (--impls) when one of them is untested on the GPU at hand, and CUDA_LAUNCH_BLOCKING=1
+names the faulting launch.
 """
 
 from __future__ import annotations
@@ -34,33 +41,42 @@ import torch.nn.functional as F
 import hybridlm.ops.conv as conv_module
 import hybridlm.ops.norm as norm_module
 from hybridlm.ops.gated_delta_rule import gated_delta_rule, naive_gated_delta_rule
-from hybridlm.ops.gated_delta_rule.triton import OPTIONS, chunk_gated_delta_rule_triton, gated_delta_rule_decode_
+from hybridlm.ops.gated_delta_rule.triton import (
+    SPLIT_OPTIONS,
+    chunk_gated_delta_rule_triton,
+    chunk_gated_delta_rule_triton_split,
+    gated_delta_rule_decode_,
+)
 
-VARIANTS = {
-    # The default: float32 buffers between kernels except W (bf16), tf32 matmuls.
-    "tf32": dict(),
-    # float32-accurate matmuls (three tf32 passes) everywhere.
-    "tf32x3": dict(dot_precision="tf32x3", state_precision="tf32x3"),
-    # bf16 buffers, states and matmuls (fla's choice): the speed reference.
-    "bf16": dict(low_precision_buffers=("w", "k", "u", "delta", "states"), bf16_dots=True, bf16_state_dots=True),
-}
-# Extra settings timed at the first shape with the default variant: tile sizes, warps, pipelining.
+# The chunked implementations (backend names): "triton" is auto's choice on CUDA, "triton-split"
+# the split-bf16 kernels (triton/chunk_split.py), whose launch settings SWEEP varies.
+IMPLS = {"triton": chunk_gated_delta_rule_triton, "triton-split": chunk_gated_delta_rule_triton_split}
+
+# Launch settings timed with --sweep at the first shape (the sequential kernels' V tile and
+# pipelining depth, the parallel kernels' V tiles and warps).
 SWEEP = [
-    dict(state_block_v=16), dict(state_block_v=32), dict(state_block_v=64),
-    dict(warps_state=4), dict(stages_state=1), dict(stages_state=3),
-    dict(warps_prepare=4, warps_output=4, warps_grad=4),
-    dict(low_precision_buffers=()),
+    dict(state_block_v=64, stages_state=2),
+    dict(state_block_v=64, stages_state=1),
+    dict(output_block_v=64, stages_output=1),
+    dict(prepare_block_v=32),
+    dict(grad_block_v=32),
+    # Last: 8 warps once made the earlier version's state kernel fault, which ends the CUDA context.
+    dict(state_block_v=64, stages_state=2, warps_state=8),
+    dict(state_block_v=64, stages_state=1, warps_state=8),
 ]
-_DEFAULTS = dict(OPTIONS.__dict__)
-CHECK_VARIANTS = list(VARIANTS)
-ISSUE_SHAPES = [(1, 8192, 30, 96, 192), (4, 4096, 16, 96, 192), (8, 2048, 16, 128, 128), (4, 4096, 16, 128, 256)]
-FLA_ANCHORS_MS = {(1, 8192, 30, 96, 192): 1.54, (4, 4096, 16, 96, 192): 1.44}
+_DEFAULTS = dict(SPLIT_OPTIONS.__dict__)
+ISSUE_SHAPES = [(1, 8192, 30, 96, 192), (4, 4096, 16, 96, 192), (8, 2048, 16, 128, 128)]
+START = time.time()
+RUN_IMPLS = list(IMPLS)  # --impls
 
 
-def set_variant(name: str, **extra) -> None:
-    OPTIONS.__dict__.update(_DEFAULTS)
-    OPTIONS.__dict__.update(VARIANTS[name])
-    OPTIONS.__dict__.update(extra)
+def set_options(**extra) -> None:
+    SPLIT_OPTIONS.__dict__.update(_DEFAULTS)
+    SPLIT_OPTIONS.__dict__.update(extra)
+
+
+def elapsed() -> float:
+    return time.time() - START
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,54 +133,85 @@ def check_case(name, batch, seq_len, heads, value_heads, key_dim, value_dim, *, 
     if grads:
         ref_grads = torch.autograd.grad((ref_o * do.double()).sum() + (ref_s * dht.double()).sum(), ref_leaves)
     del ref_leaves
+    set_options()
     results = {}
-    for variant in CHECK_VARIANTS:
-        set_variant(variant)
+    for impl in RUN_IMPLS:
         tl_leaves = [x.detach().clone().requires_grad_(grads) for x in leaves]
         tq, tk, tv, tg, tb = tl_leaves[:5]
         th0 = tl_leaves[5] if with_state else None
-        o, s = chunk_gated_delta_rule_triton(tq, tk, tv, tg, tb, initial_state=th0, **kwargs)
+        # Every buffer the kernels allocate starts as NaN: a value never written cannot pass.
+        with poisoned_allocations():
+            o, s = IMPLS[impl](tq, tk, tv, tg, tb, initial_state=th0, **kwargs)
+            got = torch.autograd.grad((o * do).sum() + (s * dht).sum(), tl_leaves) if grads else []
+            if not DRY_RUN:
+                torch.cuda.synchronize()  # a fault shows up here, in this case and implementation
         errors = {"o": rel(o, ref_o), "ht": rel(s, ref_s)}
         finite = bool(torch.isfinite(o).all()) and bool(torch.isfinite(s).all())
-        if grads:
-            got = torch.autograd.grad((o * do).sum() + (s * dht).sum(), tl_leaves)
-            for n, a, b in zip(names, got, ref_grads):
-                errors[n] = rel(a, b)
-                finite = finite and bool(torch.isfinite(a).all())
+        for n, a, b in zip(names, got, ref_grads):
+            errors[n] = rel(a, b)
+            finite = finite and bool(torch.isfinite(a).all())
         worst = max(errors.values())
-        results[variant] = {"errors": errors, "finite": finite, "worst": worst, "pass": finite and worst < 5e-3}
-        print(f"[check] {name} {variant}: worst {worst:.2e} finite={finite} " +
+        results[impl] = {"errors": errors, "finite": finite, "worst": worst, "pass": finite and worst < 5e-3}
+        print(f"[check] {name} {impl}: worst {worst:.2e} finite={finite} " +
               " ".join(f"{key} {val:.1e}" for key, val in errors.items()), flush=True)
     return results
 
 
+class poisoned_allocations:
+    """torch.empty fills float tensors with NaN inside this context (PyTorch's deterministic mode)."""
+
+    def __enter__(self):
+        import torch.utils.deterministic as det
+
+        self.saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                      det.fill_uninitialized_memory)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        det.fill_uninitialized_memory = True
+
+    def __exit__(self, *exc):
+        import torch.utils.deterministic as det
+
+        torch.use_deterministic_algorithms(self.saved[0], warn_only=self.saved[1])
+        det.fill_uninitialized_memory = self.saved[2]
+
+
 def run_checks(quick: bool) -> dict:
-    if DRY_RUN:
+    if DRY_RUN and CPU_STUDY:
+        cases = [
+            ("T=256", dict(batch=1, seq_len=256, heads=2, value_heads=2, key_dim=96, value_dim=192)),
+            ("T=1000", dict(batch=1, seq_len=1000, heads=2, value_heads=2, key_dim=96, value_dim=192)),
+            ("extreme gates", dict(batch=1, seq_len=300, heads=2, value_heads=2, key_dim=128, value_dim=128, gates="extreme")),
+        ]
+    elif DRY_RUN:
         cases = [("dry", dict(batch=1, seq_len=70, heads=1, value_heads=2, key_dim=16, value_dim=32, reference="naive")),
                  ("dry docs", dict(batch=1, seq_len=90, heads=1, value_heads=1, key_dim=16, value_dim=16,
                                    gates="extreme", cu=[0, 1, 30, 30, 90]))]
-        return {name: check_case(name, **kw) for name, kw in cases}
-    cases = [
-        ("gva T=1000 naive", dict(batch=2, seq_len=1000, heads=2, value_heads=4, key_dim=96, value_dim=192, reference="naive")),
-        ("docs+extreme gates", dict(batch=1, seq_len=4096, heads=4, value_heads=4, key_dim=128, value_dim=128,
-                                    gates="extreme", cu=[0, 1, 300, 300, 1000, 4096])),
-        ("7B shape T=8191", dict(batch=1, seq_len=8191, heads=30, value_heads=30, key_dim=96, value_dim=192)),
-        ("1B shape T=4096", dict(batch=2, seq_len=4096, heads=16, value_heads=16, key_dim=128, value_dim=256, with_state=False)),
-    ]
-    cases.append(("64K tokens", dict(batch=1, seq_len=65536, heads=4, value_heads=4, key_dim=128, value_dim=256)))
+    else:
+        cases = [
+            ("gva T=1000 naive", dict(batch=2, seq_len=1000, heads=2, value_heads=4, key_dim=96, value_dim=192, reference="naive")),
+            ("docs+extreme gates", dict(batch=1, seq_len=4096, heads=4, value_heads=4, key_dim=128, value_dim=128,
+                                        gates="extreme", cu=[0, 1, 300, 300, 1000, 4096])),
+            ("7B shape T=8191", dict(batch=1, seq_len=8191, heads=30, value_heads=30, key_dim=96, value_dim=192)),
+            ("1B shape T=4096", dict(batch=2, seq_len=4096, heads=16, value_heads=16, key_dim=128, value_dim=256, with_state=False)),
+            ("64K tokens", dict(batch=1, seq_len=65536, heads=4, value_heads=4, key_dim=128, value_dim=256)),
+        ]
+        if quick:
+            cases = [cases[0], cases[1], cases[4]]
     out = {}
     for name, kw in cases:
         try:
             out[name] = check_case(name, **kw)
         except Exception as exc:  # keep going: one failing case must not hide the others
             traceback.print_exc()
-            out[name] = {"error": repr(exc)}
-        torch.cuda.empty_cache()
+            out[name] = {"error": repr(exc)[:300]}
+        if not DRY_RUN:
+            torch.cuda.empty_cache()
     return out
 
 
 DEVICE = "cuda"
 DRY_RUN = False  # --dry-run: tiny shapes on CPU under TRITON_INTERPRET=1, each timed call run once
+CPU_STUDY = False  # --cpu-study: the accuracy cases of docs/benchmarks.md on CPU (implies --dry-run --skip-time)
 
 
 def bench(fn, rep=200):
@@ -176,66 +223,106 @@ def bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
 
 
-def gdn_timings(batch, seq_len, heads, key_dim, value_dim, variants, sweep):
-    q, k, v, g, beta = make_inputs(batch, seq_len, heads, key_dim, value_dim)
-    leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
-    do = torch.randn_like(v)
-    rows = []
-    settings = [(variant, {}) for variant in variants] + [("tf32", extra) for extra in sweep]
-    for variant, extra in settings:
-        set_variant(variant, **extra)
-        label = f"triton-{variant}" + "".join(f" {key}={val}" for key, val in extra.items())
-        try:
-            fwd = bench(lambda: chunk_gated_delta_rule_triton(q, k, v, g, beta))
-            fwd_bwd = bench(lambda: torch.autograd.grad(chunk_gated_delta_rule_triton(q, k, v, g, beta)[0], leaves, do))
-            rows.append({"impl": label, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd})
-        except Exception as exc:
-            traceback.print_exc()
-            rows.append({"impl": label, "error": repr(exc)[:300]})
-        print(f"[time] {(batch, seq_len, heads, key_dim, value_dim)} {rows[-1]}", flush=True)
-    set_variant("tf32")
+def _time_impl(label, fn, leaves, do, rows, shape, forward_only=False):
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
-
-        def fla_fwd():
-            return fla_chunk(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
-
-        row = {"impl": "fla", "fwd_ms": bench(fla_fwd)}
-        try:
-            row["fwd_bwd_ms"] = bench(lambda: torch.autograd.grad(fla_fwd(), leaves, do))
-        except Exception as exc:
-            row["fwd_bwd_error"] = str(exc).splitlines()[0][:160]
-        rows.append(row)
-    except ImportError:
-        rows.append({"impl": "fla", "error": "fla not installed"})
+        row = {"impl": label, "fwd_ms": bench(lambda: fn()[0])}
+        if not forward_only:
+            row["fwd_bwd_ms"] = bench(lambda: torch.autograd.grad(fn()[0], leaves, do))
     except Exception as exc:
         traceback.print_exc()
-        rows.append({"impl": "fla", "error": repr(exc)[:200]})
-    print(f"[time] {(batch, seq_len, heads, key_dim, value_dim)} {rows[-1]}", flush=True)
-    del q, k, v, g, beta, leaves, do
+        row = {"impl": label, "error": repr(exc)[:300]}
+    rows.append(row)
+    print(f"[time] {shape} {row} at {elapsed():.0f}s", flush=True)
+
+
+def _time_chunked(shape, rows) -> None:
+    q, k, v, g, beta = make_inputs(*shape)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
+    do = torch.randn_like(v)
+    set_options()
+    for impl in RUN_IMPLS:
+        fn = IMPLS[impl]
+        _time_impl(f"hybridlm {impl}", lambda fn=fn: fn(q, k, v, g, beta), leaves, do, rows, shape)
+
+
+def gdn_timings(batch, seq_len, heads, key_dim, value_dim):
+    """hybridlm's chunked implementations (--impls), then flash SDPA with head dim 128."""
+    shape = (batch, seq_len, heads, key_dim, value_dim)
+    rows = []
+    _time_chunked(shape, rows)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     aq, ak, av = (torch.randn(batch, heads, seq_len, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
                   for _ in range(3))
-    ado = torch.randn_like(aq)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        def attn():
-            return F.scaled_dot_product_attention(aq, ak, av, is_causal=True)
-
-        rows.append({"impl": "flash-sdpa (d=128)", "fwd_ms": bench(attn),
-                     "fwd_bwd_ms": bench(lambda: torch.autograd.grad(attn(), (aq, ak, av), ado))})
-    print(f"[time] {(batch, seq_len, heads, key_dim, value_dim)} {rows[-1]}", flush=True)
+        _time_impl("flash-sdpa (d=128)", lambda: (F.scaled_dot_product_attention(aq, ak, av, is_causal=True),),
+                   [aq, ak, av], torch.randn_like(aq), rows, shape)
     return rows
 
 
+def sweep_timings(batch, seq_len, heads, key_dim, value_dim) -> list[dict]:
+    """"triton-split" with the settings in SWEEP; each run's output and gradients are compared with
+    those of the default settings."""
+    shape = (batch, seq_len, heads, key_dim, value_dim)
+    q, k, v, g, beta = make_inputs(batch, seq_len, heads, key_dim, value_dim)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
+    do = torch.randn_like(v)
+
+    def outputs():
+        o = chunk_gated_delta_rule_triton_split(q, k, v, g, beta)[0]
+        return [o.detach()] + list(torch.autograd.grad(o, leaves, do))
+
+    set_options()
+    want = outputs()
+    rows = []
+    for extra in SWEEP:
+        if elapsed() > BUDGET:
+            print(f"[time] budget reached: sweep stopped before {extra}", flush=True)
+            break
+        set_options(**extra)
+        label = "hybridlm triton-split " + " ".join(f"{key}={val}" for key, val in extra.items())
+        try:
+            diff = max(rel(a, b) for a, b in zip(outputs(), want))
+        except Exception as exc:
+            traceback.print_exc()
+            rows.append({"impl": label, "error": repr(exc)[:300]})
+            continue
+        _time_impl(label, lambda: chunk_gated_delta_rule_triton_split(q, k, v, g, beta), leaves, do, rows, shape)
+        rows[-1]["rel_diff_to_default"] = diff
+    set_options()
+    return rows
+
+
+def fla_timings(batch, seq_len, heads, key_dim, value_dim) -> list[dict]:
+    """fla's chunk_gated_delta_rule, forward only (its backward refuses Triton 3.4-3.7.0 on Hopper)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    shape = (batch, seq_len, heads, key_dim, value_dim)
+    q, k, v, g, beta = make_inputs(batch, seq_len, heads, key_dim, value_dim)
+    rows = []
+    _time_impl("fla " + _fla_version(), lambda: fla_chunk(q, k, v, g, beta, use_qk_l2norm_in_kernel=True),
+               [q, k, v, g, beta], None, rows, shape, forward_only=True)
+    return rows
+
+
+def _fla_version() -> str:
+    try:
+        import fla
+
+        return fla.__version__
+    except ImportError:
+        return "?"
+
+
 def profile_kernels(batch, seq_len, heads, key_dim, value_dim) -> list[dict]:
-    """GPU time per kernel of one forward+backward (torch.profiler, mean of 3 runs after a warm-up)."""
+    """GPU time per kernel of one forward+backward of the last of --impls (torch.profiler, mean of
+    3 runs after a warm-up)."""
     q, k, v, g, beta = make_inputs(batch, seq_len, heads, key_dim, value_dim)
     leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
     do = torch.randn_like(v)
 
     def step():
-        return torch.autograd.grad(chunk_gated_delta_rule_triton(q, k, v, g, beta)[0], leaves, do)
+        return torch.autograd.grad(IMPLS[RUN_IMPLS[-1]](q, k, v, g, beta)[0], leaves, do)
 
     step()
     torch.cuda.synchronize()
@@ -345,56 +432,90 @@ def environment() -> dict:
     return env
 
 
+BUDGET = float("inf")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-time", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="check the default variant only; no tuning sweep")
+    parser.add_argument("--quick", action="store_true", help="three check cases instead of five")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1): test the script")
+    parser.add_argument("--cpu-study", action="store_true",
+                        help="accuracy at model head sizes on CPU (TRITON_INTERPRET=1; slow): implies --dry-run --skip-time")
+    parser.add_argument("--gdn-only", action="store_true", help="skip the conv, gated norm and decode kernels")
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU time at the first shape")
-    parser.add_argument("--options", default="{}", help="JSON of KernelOptions fields to change for every variant")
+    parser.add_argument("--sweep", action="store_true", help="time the launch settings in SWEEP at the first shape")
+    parser.add_argument("--fla", action="store_true", help="time fla's forward too")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS), help="chunked implementations to run")
+    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds after which optional steps are skipped")
+    parser.add_argument("--options", default="{}", help="JSON of KernelOptions fields to change for every run")
+    parser.add_argument("--print-only", action="store_true", help="print the tables of --out/results.json")
     args = parser.parse_args()
+    if args.print_only:
+        with open(os.path.join(args.out, "results.json")) as handle:
+            print_tables(json.load(handle))
+        return 0
+    global DEVICE, DRY_RUN, ISSUE_SHAPES, BUDGET, CPU_STUDY
+    BUDGET = args.budget
+    if args.cpu_study:
+        CPU_STUDY = args.dry_run = args.skip_time = args.gdn_only = True
     _DEFAULTS.update(json.loads(args.options))
-    if args.quick:
-        CHECK_VARIANTS[:] = ["tf32"]
     if args.dry_run:
-        global DEVICE, DRY_RUN, ISSUE_SHAPES
         DEVICE, DRY_RUN, ISSUE_SHAPES = "cpu", True, [(1, 70, 2, 16, 32)]
     elif not torch.cuda.is_available():
         print("benchmarks/gdn_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    RUN_IMPLS[:] = args.impls
     results = {"env": environment(), "command": " ".join(sys.argv), "options": _DEFAULTS}
     print(results["env"], flush=True)
-    if args.profile:
-        set_variant("tf32")
-        results["profile"] = profile_kernels(*ISSUE_SHAPES[0])
-        _save(results, args.out)
     if not args.skip_check:
         results["checks"] = run_checks(args.quick)
-        try:
-            results["small_op_checks"] = small_op_checks()
-        except Exception as exc:
-            traceback.print_exc()
-            results["small_op_checks"] = {"error": repr(exc)}
         _save(results, args.out)
-    if not args.skip_time:
-        results["timings"] = {}
-        for shape in ISSUE_SHAPES:
-            first = shape == ISSUE_SHAPES[0]
+        if not args.gdn_only:
             try:
-                variants = list(VARIANTS) if first and not args.quick else ["tf32", "bf16"]
-                results["timings"][str(shape)] = gdn_timings(*shape, variants, SWEEP if first and not args.quick else [])
+                results["small_op_checks"] = small_op_checks()
             except Exception as exc:
                 traceback.print_exc()
-                results["timings"][str(shape)] = [{"error": repr(exc)}]
-            torch.cuda.empty_cache()
+                results["small_op_checks"] = {"error": repr(exc)}
             _save(results, args.out)
-        try:
-            results["small_ops"] = small_op_timings()
-        except Exception as exc:
-            traceback.print_exc()
-            results["small_ops"] = [{"error": repr(exc)}]
+    if not args.skip_time:
+        results["timings"] = {}
+        steps = [(shape, gdn_timings) for shape in ISSUE_SHAPES]
+        if args.sweep:
+            steps.append((ISSUE_SHAPES[0], sweep_timings))
+        if args.fla:
+            steps += [(shape, fla_timings) for shape in ISSUE_SHAPES]
+        for number, (shape, step) in enumerate(steps):
+            if number >= len(ISSUE_SHAPES) and elapsed() > BUDGET:
+                print(f"[time] budget reached: {step.__name__} {shape} skipped", flush=True)
+                continue
+            try:
+                rows = step(*shape)
+            except Exception as exc:
+                traceback.print_exc()
+                rows = [{"impl": step.__name__, "error": repr(exc)[:300]}]
+            results["timings"].setdefault(str(shape), []).extend(rows)
+            if not DRY_RUN:
+                torch.cuda.empty_cache()
+            _save(results, args.out)
+            if number == len(ISSUE_SHAPES) - 1 and args.profile:
+                set_options()
+                try:
+                    results["profile"] = profile_kernels(*ISSUE_SHAPES[0])
+                except Exception as exc:
+                    traceback.print_exc()
+                    results["profile"] = [{"kernel": "error " + repr(exc)[:100], "calls_per_step": 0, "ms_per_step": 0}]
+                _save(results, args.out)
+        if not args.gdn_only:
+            try:
+                results["small_ops"] = small_op_timings()
+            except Exception as exc:
+                traceback.print_exc()
+                results["small_ops"] = [{"error": repr(exc)}]
+            _save(results, args.out)
+    results["seconds"] = elapsed()
     _save(results, args.out)
     print_tables(results)
     return 0
@@ -409,22 +530,24 @@ def print_tables(results: dict) -> None:
     env = results["env"]
     print(f"\n{env['date']} {env['gpu']} driver {env.get('driver')} torch {env['torch']} triton {env['triton']} fla {env['fla']}")
     if "checks" in results:
-        print("\n| case | variant | worst rel err | finite | pass |\n|---|---|---|---|---|")
-        for case, per_variant in results["checks"].items():
-            if "error" in per_variant:
-                print(f"| {case} | - | ERROR {per_variant['error'][:80]} | | |")
+        print("\n| case | impl | worst rel err | finite | pass | errors |\n|---|---|---|---|---|---|")
+        for case, per_impl in results["checks"].items():
+            if "error" in per_impl:
+                print(f"| {case} | | ERROR {per_impl['error'][:100]} | | | |")
                 continue
-            for variant, r in per_variant.items():
-                print(f"| {case} | {variant} | {r['worst']:.2e} | {r['finite']} | {r['pass']} |")
+            for impl, r in per_impl.items():
+                errs = " ".join(f"{key} {val:.1e}" for key, val in r["errors"].items())
+                print(f"| {case} | {impl} | {r['worst']:.2e} | {r['finite']} | {r['pass']} | {errs} |")
     if "small_op_checks" in results:
         print(f"\nsmall-op checks: {results['small_op_checks']}")
     if "timings" in results:
         print("\n| (B,T,H,K,V) | impl | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
         for shape, rows in results["timings"].items():
             for r in rows:
-                fwd = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else r.get("error", "")[:60]
-                fb = f"{r['fwd_bwd_ms']:.3f}" if "fwd_bwd_ms" in r else r.get("fwd_bwd_error", "")[:60]
-                print(f"| {shape} | {r.get('impl')} | {fwd} | {fb} |")
+                fwd = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else r.get("error", "")[:90]
+                fb = f"{r['fwd_bwd_ms']:.3f}" if "fwd_bwd_ms" in r else ""
+                note = f" (diff {r['rel_diff_to_default']:.0e})" if "rel_diff_to_default" in r else ""
+                print(f"| {shape} | {r.get('impl')}{note} | {fwd} | {fb} |")
     if "small_ops" in results:
         print("\n| op | impl | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
         for r in results["small_ops"]:
@@ -433,6 +556,10 @@ def print_tables(results: dict) -> None:
                 continue
             fb = f"{r['fwd_bwd_ms']:.3f}" if "fwd_bwd_ms" in r else ""
             print(f"| {r['op']} | {r['impl']} | {r['fwd_ms']:.4f} | {fb} |")
+    if "profile" in results:
+        print("\n| kernel (first shape, fwd+bwd) | calls | ms |\n|---|---|---|")
+        for r in results["profile"][:12]:
+            print(f"| {r['kernel']} | {r['calls_per_step']:.0f} | {r['ms_per_step']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Triton kernels for the gated delta rule on GPUs (Hopper first; any GPU Triton supports).
 
 - `chunk_gated_delta_rule_triton`: chunked forward and backward (training, prefill).
+- `chunk_gated_delta_rule_triton_split`: the same with split-bf16 matmuls (backend "triton-split",
+  by name only: on Hopper it needs DISABLE_MMA_V3=1; `chunk_split.py`).
 - `recurrent_gated_delta_rule_triton`: token-by-token forward (decoding, short prompts).
 - `gated_delta_rule_decode_`: one decoding step that advances a state tensor in place.
-- `backend`: the dispatcher's GPU backends ("triton", "fla"); importing it does not import Triton.
+- `backend`: the dispatcher's GPU backends ("triton", "triton-split", "fla"); importing it does not
+  import Triton.
 
 The kernels run on CUDA tensors, or on CPU under `TRITON_INTERPRET=1` (how CI tests them).
 Names are imported lazily, so `import hybridlm.ops.gated_delta_rule` works without Triton.
@@ -11,6 +14,8 @@ Names are imported lazily, so `import hybridlm.ops.gated_delta_rule` works witho
 
 _LAZY = {
     "OPTIONS": "chunk",
+    "SPLIT_OPTIONS": "chunk_split",
+    "chunk_gated_delta_rule_triton_split": "chunk_split",
     "chunk_gated_delta_rule_triton": "chunk",
     "gated_delta_rule_decode_": "chunk",
     "recurrent_gated_delta_rule_triton": "chunk",

@@ -1,9 +1,10 @@
-"""The GPU backends of `gated_delta_rule`: our Triton kernels ("triton") and fla ("fla").
+"""The GPU backends of `gated_delta_rule`: our Triton kernels ("triton", "triton-split") and fla ("fla").
 
-`register_gpu_backends(register_backend)` adds both to the dispatcher. "triton" has the highest
+`register_gpu_backends(register_backend)` adds them to the dispatcher. "triton" has the highest
 priority and is preferred for every CUDA tensor (but float64) when Triton is installed, so
-`impl="auto"` picks it on GPUs; "fla" is used only when asked for by name, and only where its
-version is known to give correct gradients. `note_backend_choice` logs the choice once and warns
+`impl="auto"` picks it on GPUs. "triton-split" (split-bf16 matmuls, `triton/chunk_split.py`) is used
+only when asked for by name, and on Hopper only with DISABLE_MMA_V3=1 (see `check_split_supported`). "fla" is
+used only when asked for by name, and only where its version is known to give correct gradients. `note_backend_choice` logs the choice once and warns
 when a CUDA call ends up on a PyTorch path. Importing this module imports neither Triton nor fla.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import warnings
 
 import torch
@@ -46,6 +48,41 @@ def triton_gated_delta_rule(
         cu_seqlens=cu_seqlens,
         use_qk_l2norm=use_qk_l2norm,
     )
+
+
+def triton_split_gated_delta_rule(
+    q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None, use_qk_l2norm=True
+):
+    """Backend "triton-split": the split-bf16 chunked kernels (the token loop for short inputs
+    without gradients, as "triton")."""
+    from hybridlm.ops.gated_delta_rule.triton.chunk import recurrent_gated_delta_rule_triton
+    from hybridlm.ops.gated_delta_rule.triton.chunk_split import chunk_gated_delta_rule_triton_split
+
+    check_split_supported(q)
+    tensors = (q, k, v, g, beta, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    short = cu_seqlens is None and q.shape[1] <= RECURRENT_MAX_TOKENS
+    fn = recurrent_gated_delta_rule_triton if short and not needs_grad else chunk_gated_delta_rule_triton_split
+    return fn(
+        q, k, v, g, beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm=use_qk_l2norm,
+    )
+
+
+def check_split_supported(q: torch.Tensor) -> None:
+    """"triton-split" faults (illegal memory access, which ends the CUDA context) on Hopper and newer
+    with Triton's wgmma code generation (measured on an H200 with Triton 3.6, docs/benchmarks.md);
+    it runs correctly with DISABLE_MMA_V3=1. Refuse up front rather than fault."""
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and os.environ.get("DISABLE_MMA_V3") != "1":
+        raise RuntimeError(
+            "gdn impl 'triton-split' needs DISABLE_MMA_V3=1 in the environment on Hopper GPUs (without it its "
+            "kernels hit an illegal memory access with Triton's wgmma code generation); set it before starting "
+            "Python, or use impl='triton' (the default on GPUs)"
+        )
 
 
 def prefers_triton(q: torch.Tensor, needs_grad: bool) -> bool:
@@ -127,6 +164,7 @@ def note_backend_choice(name: str, q: torch.Tensor) -> None:
 
 
 def register_gpu_backends(register_backend) -> None:
-    """Add "triton" (auto's choice on CUDA) and "fla" (by name only) to the dispatcher."""
+    """Add "triton" (auto's choice on CUDA), "triton-split" and "fla" (by name only) to the dispatcher."""
     register_backend("triton", triton_gated_delta_rule, priority=20, prefers=prefers_triton)
+    register_backend("triton-split", triton_split_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)
     register_backend("fla", fla_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)

@@ -1,0 +1,149 @@
+"""Compile the chunked gated delta rule kernels for sm_90 without a GPU and report their resources.
+
+    python benchmarks/gdn_compile_report.py [--impl triton|triton-split] [--key-dim 96]
+
+Needs only Triton (no PyTorch, no GPU): the kernel files are loaded by path, so the report can be
+made in a virtual environment holding just the Triton version of the GPU machine (e.g. `pip
+install triton==3.6.0` for torch 2.11). Arguments are specialised as Triton does at run time for
+the 7B layer (pointers and K, V divisible by 16; H and HV not). Prints, per kernel at the
+implementation's default launch settings: registers per thread, spill stack and local stores and
+loads in the SASS (cuobjdump, bundled with Triton), shared memory, programs per SM that registers
+and shared memory allow (228 KB and 64K registers per SM), and the matrix instructions used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = os.path.join(HERE, "..", "src", "hybridlm", "ops", "gated_delta_rule", "triton")
+DIVISIBLE = {"K", "V"}
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(KERNELS, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_kernel(fn, args: dict, num_warps: int, num_stages: int) -> dict:
+    """args: pointer dtypes ("*bf16"), "i32"/"fp32" for scalars, anything else is a constexpr."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        value = args.get(name)
+        if isinstance(value, str) and (value.startswith("*") or value in ("i32", "fp32")):
+            signature[name] = value
+            if value.startswith("*") or name in DIVISIBLE:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", handle.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", handle.name], capture_output=True, text=True).stdout
+    regs, stack = (int(x) for x in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
+    smem = compiled.metadata.shared
+    per_sm = min(228 * 1024 // (smem + 1024), 65536 // (num_warps * 32 * regs))
+    return {"regs": regs, "stack": stack, "stl": sass.count("STL"), "ldl": sass.count("LDL"), "smem": smem,
+            "per_sm": per_sm, "wgmma": sass.count("HGMMA"), "mma": sass.count("HMMA")}
+
+
+def split_kernels(block_k: int) -> list[tuple]:
+    """(label, kernel, args, warps, stages) of "triton-split" at its default settings (chunk_split.KernelOptions)."""
+    k = load("kernels_split")
+    raw, half, f32 = "*bf16", "*bf16", "*fp32"
+    common = dict(cu_seqlens="*i32", chunk_seq="*i32", chunk_local="*i32", chunk_offsets="*i32", scale="fp32",
+                  H="i32", HV="i32", K="i32", V="i32", BT=64, LOG2_BT=6, BK=block_k, NORM=True)
+    runs = []
+    for backward in (False, True):
+        args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, do=raw if backward else None, w_hi=half, w_lo=half,
+                    u=f32, kscale=f32, qscale=f32 if backward else None, t_hi=half if backward else None,
+                    t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward)
+        runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
+    for block_v in (32, 64):
+        args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
+                    d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v)
+        runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, 1))
+        args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw, dvl=f32,
+                    dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
+                    STORE_DH0=False, BV=block_v)
+        runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, 1))
+    args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=32)
+    runs.append(("output", k._output_kernel, args, 4, 2))
+    args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, t_hi=half, t_lo=half, d_hi=half, d_lo=half, dd_hi=half,
+                dd_lo=half, do=raw, scratch=f32, dv=raw, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=16)
+    runs.append(("gradients within the chunk", k._grad_local_kernel, args, 4, 1))
+    args = dict(common, q=raw, k=raw, g=f32, beta=f32, t_hi=half, t_lo=half, s_hi=half, s_lo=half, ds_hi=half,
+                ds_lo=half, d_hi=half, d_lo=half, dd_hi=half, dd_lo=half, do=raw, dq_part=f32, dk_part=f32,
+                dbeta_part=f32, dgam_part=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32, BV=16)
+    runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 1))
+    args = dict(q=raw, k=raw, dq_hat=f32, dk_hat=f32, dq=raw, dk=raw, NTOK="i32", H="i32", HV="i32", K="i32",
+                BT=64, BK=block_k, NORM=True)
+    runs.append(("L2-norm backward", k._qk_norm_bwd_kernel, args, 4, 3))
+    return runs
+
+
+def default_kernels(block_k: int) -> list[tuple]:
+    """(label, kernel, args, warps, stages) of "triton" at its default settings (chunk.KernelOptions;
+    the V tile its sequential kernels take at (1, 8192, 30, 96, 192))."""
+    k = load("kernels")
+    raw, f32, half = "*bf16", "*fp32", "*bf16"
+    common = dict(cu_seqlens="*i32", chunk_seq="*i32", chunk_local="*i32", chunk_offsets="*i32", scale="fp32",
+                  H="i32", HV="i32", K="i32", V="i32", BT=64, LOG2_BT=6, BK=block_k, NORM=True, LOWP=False,
+                  PREC="tf32", INV_PREC="tf32x3")
+    runs = []
+    for backward in (False, True):
+        args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, do=raw if backward else None, w=half, u=f32, kd=f32,
+                    qd=f32 if backward else None, tmat=f32 if backward else None, dvl=f32 if backward else None,
+                    BV=64, BACKWARD=backward)
+        runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 3))
+    args = dict(common, w=half, u=f32, kd=f32, g=f32, h0=None, states=f32, vnew=f32, ht=None, HAS_H0=False,
+                STORE_HT=False, BV=16)
+    runs.append(("state pass, forward (V tile 16)", k._state_fwd_kernel, args, 4, 2))
+    args = dict(common, qd=f32, kd=f32, w=half, g=f32, do=raw, dvl=f32, dht=None, dstates=f32, dvnew=f32, dh0=None,
+                HAS_DHT=False, STORE_DH0=False, BV=16)
+    runs.append(("state pass, backward (V tile 16)", k._state_bwd_kernel, args, 4, 2))
+    args = dict(common, q=raw, k=raw, g=f32, states=f32, vnew=f32, o=raw, BV=64)
+    runs.append(("output", k._output_kernel, args, 4, 3))
+    args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, tmat=f32, states=f32, dstates=f32, vnew=f32, dvnew=f32,
+                do=raw, dq=f32, dk_part=f32, dv=raw, dbeta_part=f32, dgam_part=f32, dtmat=f32, BV=32)
+    runs.append(("gradients", k._grad_kernel, args, 4, 1))
+    args = dict(common, k=raw, g=f32, beta=f32, tmat=f32, dtmat=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32,
+                scratch=f32, dk=f32, dbeta=f32, dg=f32)
+    runs.append(("UT-transform backward", k._ut_grad_kernel, args, 4, 3))
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", choices=["triton", "triton-split"], default="triton-split")
+    parser.add_argument("--key-dim", type=int, default=96, help="K (padded to a power of two)")
+    args = parser.parse_args()
+    block_k = max(16, triton.next_power_of_2(args.key_dim))
+    runs = split_kernels(block_k) if args.impl == "triton-split" else default_kernels(block_k)
+    print(f'"{args.impl}", Triton {triton.__version__}, sm_90, K tile {block_k}\n')
+    print("| kernel | warps | stages | registers | spill stack B | STL/LDL | shared KB | programs/SM | wgmma/mma |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, fn, kernel_args, warps, stages in runs:
+        r = compile_kernel(fn, kernel_args, warps, stages)
+        print(f"| {label} | {warps} | {stages} | {r['regs']} | {r['stack']} | {r['stl']}/{r['ldl']} | "
+              f"{r['smem'] / 1024:.0f} | {r['per_sm']} | {r['wgmma']}/{r['mma']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Host side of the "triton-split" chunked gated delta rule (kernels in `kernels_split.py`).
+
+Same interface and layouts as `chunk.chunk_gated_delta_rule_triton`; different numerics and tiling:
+every matmul runs on bf16 tensor cores with float32 operands split into two bf16 terms (about float32
+accuracy at bf16 speed; `kernels_split`'s docstring), and the backward is split into kernels whose
+accumulators fit 4 warps. The backward recomputes the forward's prepare and state passes rather
+than keeping the per-chunk states alive between forward and backward.
+
+Status: passes the float64 comparisons under TRITON_INTERPRET=1 with bf16 inputs at about the bf16
+rounding of the outputs (1.7e-3); its one H200 run (Triton 3.6) ended in an illegal memory access
+in the backward (docs/benchmarks.md), so it is a backend by name only until it runs clean there.
+
+Wrapped as a torch.library custom op (`hybridlm::gdn_chunk_split`) like the default path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from hybridlm.ops.gated_delta_rule.triton import kernels_split as kernels
+from hybridlm.ops.gated_delta_rule.triton.layout import CHUNK, SequenceLayout, sequence_layout
+
+
+@dataclass
+class KernelOptions:
+    """Launch settings (module-wide; benchmarks may change them, models should not).
+
+    state_block_v: V tile of the two sequential kernels (0: chosen from the number of programs).
+    *_block_v: V tile of the loops in the parallel kernels. warps_*: warps per program (4 for the
+    kernels whose matmuls have 64 rows: with 8, Triton gives chained 64-row matmuls all 8 warps
+    along the rows, which duplicates their accumulators). stages_*: software-pipelining depth.
+    """
+
+    state_block_v: int = 0
+    stages_state: int = 1
+    warps_state: int = 4
+    prepare_block_v: int = 64
+    stages_prepare: int = 2
+    warps_prepare: int = 4
+    output_block_v: int = 32
+    stages_output: int = 2
+    warps_output: int = 4
+    grad_block_v: int = 16
+    stages_grad: int = 1
+    warps_grad: int = 4
+
+
+SPLIT_OPTIONS = KernelOptions()
+
+
+def _resident_programs(device: torch.device) -> int:
+    """Programs of the sequential kernels that run at once: two per SM (shared memory and registers
+    allow two at the default settings)."""
+    if device.type != "cuda":
+        return 264
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_sizes(key_dim: int, value_dim: int, programs_per_tile: int, device: torch.device) -> tuple[int, int]:
+    """(K tile, V tile of the sequential kernels). The sequential kernels run one program per
+    (sequence, value head, V tile) through all the chunks: the V tile is the smallest that keeps
+    all programs resident at once (more, smaller programs hide more latency; a second wave would
+    double the time)."""
+    block_k = max(16, triton.next_power_of_2(key_dim))
+    if block_k > 256:
+        raise ValueError(f"the Triton gated delta rule supports key head dims up to 256; got K={key_dim}")
+    state_v = SPLIT_OPTIONS.state_block_v
+    if state_v == 0:
+        state_v = min(64, max(16, triton.next_power_of_2(value_dim)))
+        resident = _resident_programs(device)
+        while state_v > 16 and programs_per_tile * triton.cdiv(value_dim, state_v // 2) <= resident:
+            state_v //= 2
+    return block_k, state_v
+
+
+def _v_tile(option: int, value_dim: int) -> int:
+    return min(option, max(16, triton.next_power_of_2(value_dim)))
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if not (x.is_cuda or _interpreted(x)):
+        raise ValueError(
+            f"the Triton gated delta rule runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+            f"got a tensor on {x.device}. Use impl='chunk' for the PyTorch path"
+        )
+
+
+def _split_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """[2, *shape] bf16: the hi and lo halves of a float32 buffer stored as a two-term bf16 split."""
+    return like.new_empty(2, *shape, dtype=torch.bfloat16)
+
+
+def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int):
+    """W (split), U, kscale; with do (backward) also T (split), qscale and P^T dO."""
+    ntok, heads, key_dim = q.shape
+    value_heads, value_dim = v.shape[1], v.shape[2]
+    backward = do is not None
+    w = _split_buffer(q, ntok, value_heads, key_dim)
+    u = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)
+    kscale = q.new_empty(ntok, value_heads, dtype=torch.float32)
+    qscale = torch.empty_like(kscale) if backward else None
+    tmat = _split_buffer(q, ntok, value_heads, CHUNK) if backward else None
+    dvl = torch.empty_like(u) if backward else None
+    kernels._prepare_kernel[(layout.num_slots, value_heads)](
+        q, k, v, g, beta, do,
+        w[0], w[1], u, kscale, qscale,
+        None if tmat is None else tmat[0], None if tmat is None else tmat[1], dvl,
+        layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
+        scale, heads, value_heads, key_dim, value_dim,
+        BT=CHUNK, LOG2_BT=6, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.prepare_block_v, value_dim), NORM=norm, BACKWARD=backward,
+        num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
+    )
+    return w, u, kscale, qscale, tmat, dvl
+
+
+def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_v):
+    """Chunk-entry states [2, NCHUNK, HV, K, V] and Delta [2, NTOK, HV, V] (split), final state."""
+    ntok, value_heads, key_dim = w.shape[1:]
+    value_dim = u.shape[2]
+    states = _split_buffer(w, layout.num_slots, value_heads, key_dim, value_dim)  # num_slots >= chunks
+    vnew = _split_buffer(w, ntok, value_heads, value_dim)
+    final = None
+    if output_final_state:
+        final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
+    kernels._state_fwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
+        k, w[0], w[1], u, g, kscale, initial_state, states[0], states[1], vnew[0], vnew[1], final,
+        layout.cu_seqlens, layout.chunk_offsets,
+        k.shape[1], value_heads, key_dim, value_dim,
+        BT=CHUNK, BK=block_k, BV=state_v,
+        HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+        num_warps=SPLIT_OPTIONS.warps_state, num_stages=SPLIT_OPTIONS.stages_state,
+    )
+    return states, vnew, final
+
+
+def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout: SequenceLayout, norm: bool):
+    """Flattened inputs [NTOK, H, K], [NTOK, HV, V], [NTOK, HV] -> (o [NTOK, HV, V], final or None)."""
+    heads, key_dim = q.shape[1], q.shape[2]
+    value_heads, value_dim = v.shape[1], v.shape[2]
+    block_k, state_v = _block_sizes(key_dim, value_dim, layout.num_seqs * value_heads, q.device)
+    w, u, kscale, _, _, _ = _prepare(q, k, v, g, beta, None, scale, layout, norm, block_k)
+    states, vnew, final = _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_v)
+    del w, u, kscale
+    o = torch.empty_like(v, dtype=q.dtype)
+    kernels._output_kernel[(layout.num_slots, value_heads)](
+        q, k, g, states[0], states[1], vnew[0], vnew[1], o,
+        layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
+        scale, heads, value_heads, key_dim, value_dim,
+        BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.output_block_v, value_dim), NORM=norm,
+        num_warps=SPLIT_OPTIONS.warps_output, num_stages=SPLIT_OPTIONS.stages_output,
+    )
+    return o, final
+
+
+def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, norm: bool, do, dht):
+    """Gradients (dq, dk, dv in the inputs' dtypes; dg, dbeta float32; dh0 float32 or None)."""
+    ntok, heads, key_dim = q.shape
+    value_heads, value_dim = v.shape[1], v.shape[2]
+    block_k, state_v = _block_sizes(key_dim, value_dim, layout.num_seqs * value_heads, q.device)
+    w, u, kscale, qscale, tmat, dvl = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
+    states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k, state_v)
+    del u
+    dstates = torch.empty_like(states)
+    dvnew = torch.empty_like(vnew)
+    dh0 = None
+    if initial_state is not None:
+        dh0 = q.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
+    kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
+        q, k, w[0], w[1], g, kscale, qscale, do, dvl, dht, dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
+        layout.cu_seqlens, layout.chunk_offsets,
+        heads, value_heads, key_dim, value_dim,
+        BT=CHUNK, BK=block_k, BV=state_v,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        num_warps=SPLIT_OPTIONS.warps_state, num_stages=SPLIT_OPTIONS.stages_state,
+    )
+    del w, kscale, qscale, dvl
+    grid = (layout.num_slots, value_heads)
+    dq_hat = q.new_empty(ntok, value_heads, key_dim, dtype=torch.float32)
+    dk_hat = torch.empty_like(dq_hat)
+    dbeta = q.new_empty(ntok, value_heads, dtype=torch.float32)
+    dg = torch.empty_like(dbeta)
+    dv = torch.empty_like(v)
+    grad_v = _v_tile(SPLIT_OPTIONS.grad_block_v, value_dim)
+    scratch = q.new_empty(layout.num_slots, value_heads, CHUNK, CHUNK, dtype=torch.float32)
+    # The parts go to dq_hat, dk_hat, dbeta and dg; _grad_state_kernel adds to them in place
+    # (each program reads its tiles before writing them).
+    kernels._grad_local_kernel[grid](
+        q, k, v, g, beta, tmat[0], tmat[1], vnew[0], vnew[1], dvnew[0], dvnew[1], do, scratch,
+        dv, dq_hat, dk_hat, dbeta, dg,
+        layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
+        scale, heads, value_heads, key_dim, value_dim,
+        BT=CHUNK, BK=block_k, BV=grad_v, NORM=norm,
+        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad,
+    )
+    del scratch
+    kernels._grad_state_kernel[grid](
+        q, k, g, beta, tmat[0], tmat[1], states[0], states[1], dstates[0], dstates[1],
+        vnew[0], vnew[1], dvnew[0], dvnew[1], do, dq_hat, dk_hat, dbeta, dg,
+        dq_hat, dk_hat, dbeta, dg,
+        layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
+        scale, heads, value_heads, key_dim, value_dim,
+        BT=CHUNK, BK=block_k, BV=grad_v, NORM=norm,
+        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad,
+    )
+    del states, dstates
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    kernels._qk_norm_bwd_kernel[(triton.cdiv(ntok, CHUNK), heads)](
+        q, k, dq_hat, dk_hat, dq, dk,
+        ntok, heads, value_heads, key_dim,
+        BT=CHUNK, BK=block_k, NORM=norm,
+        num_warps=4,
+    )
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+def _flatten(q, k, v, g, beta):
+    batch, seq_len = q.shape[:2]
+    ntok = batch * seq_len
+    return (
+        q.contiguous().view(ntok, *q.shape[2:]),
+        k.contiguous().view(ntok, *k.shape[2:]),
+        v.contiguous().view(ntok, *v.shape[2:]),
+        g.contiguous().view(ntok, g.shape[2]),
+        beta.contiguous().view(ntok, beta.shape[2]),
+    )
+
+
+def _num_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@torch.library.custom_op("hybridlm::gdn_chunk_split", mutates_args=())
+def _gdn_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+    output_final_state: bool,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seq_len = q.shape[:2]
+    layout = sequence_layout(batch, seq_len, cu_seqlens, q.device)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    o, final = _forward(*_flatten(q, k, v, g, beta), scale, h0, output_final_state, layout, use_qk_l2norm)
+    if final is None:
+        final = q.new_empty(0, dtype=torch.float32)
+    return o.view(v.shape), final
+
+
+@_gdn_chunk.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm):
+    o = v.new_empty(v.shape, dtype=q.dtype)
+    if output_final_state:
+        shape = (_num_seqs(q, cu_seqlens), v.shape[2], q.shape[3], v.shape[3])
+        return o, q.new_empty(shape, dtype=torch.float32)
+    return o, q.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("hybridlm::gdn_chunk_split_backward", mutates_args=())
+def _gdn_chunk_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seq_len = q.shape[:2]
+    layout = sequence_layout(batch, seq_len, cu_seqlens, q.device)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    dq, dk, dv, dg, dbeta, dh0 = _backward(
+        *_flatten(q, k, v, g, beta), scale, h0, layout, use_qk_l2norm, do.contiguous().view(-1, *v.shape[2:]), dht
+    )
+    if dh0 is None:
+        dh0 = q.new_empty(0, dtype=torch.float32)
+    else:
+        dh0 = dh0.to(initial_state.dtype)
+    return (
+        dq.view(q.shape).to(q.dtype),
+        dk.view(k.shape).to(k.dtype),
+        dv.view(v.shape),
+        dg.view(g.shape).to(g.dtype),
+        dbeta.view(beta.shape).to(beta.dtype),
+        dh0,
+    )
+
+
+@_gdn_chunk_backward.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm):
+    dh0 = q.new_empty(0, dtype=torch.float32) if initial_state is None else torch.empty_like(initial_state)
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(g),
+        torch.empty_like(beta),
+        dh0,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    ctx.scale = scale
+    ctx.use_qk_l2norm = use_qk_l2norm
+    ctx.output_final_state = output_final_state
+
+
+def _gdn_chunk_autograd(ctx, do, dht):
+    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    if not ctx.output_final_state:
+        dht = None
+    dq, dk, dv, dg, dbeta, dh0 = _gdn_chunk_backward(
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, ctx.scale, ctx.use_qk_l2norm
+    )
+    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None
+
+
+_gdn_chunk.register_autograd(_gdn_chunk_autograd, setup_context=_setup_context)
+
+
+def chunk_gated_delta_rule_triton_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule in Triton with split-bf16 matmuls, differentiable (fla layouts).
+
+    q, k: [B, T, H, K] (K <= 256); v: [B, T, HV, V] with HV a multiple of H; g (log decay, <= 0),
+    beta: [B, T, HV]; initial_state: [N, HV, K, V] (N = B, or documents in cu_seqlens, B == 1).
+    Inputs are not validated here (`gated_delta_rule` does that).
+    Returns (o [B, T, HV, V] in q's dtype, final state [N, HV, K, V] float32 or None).
+    """
+    _check_device(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    o, final = _gdn_chunk(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm)
+    return o, (final if output_final_state else None)

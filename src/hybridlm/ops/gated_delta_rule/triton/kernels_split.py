@@ -1,0 +1,650 @@
+"""Triton kernels of the chunked gated delta rule (chunk C = 64), forward and backward, with
+operands split into two bf16 terms (backend "triton-split"; `chunk_split.py` launches them).
+
+Notation per value head and chunk (rows i, j = 0..C-1), as in `hybridlm.ops.gated_delta_rule.chunk`:
+q, k, v the raw inputs, r_q, r_k the reciprocal L2 norms of their rows (1 without normalisation),
+Q = scale diag(r_q) q and K = diag(r_k) k, gamma the within-chunk cumulative log decay,
+Gamma_ij = exp(gamma_i - gamma_j) for i >= j (0 above), S the chunk-entry state [K, V]:
+
+    A = strictly_lower(diag(beta) K K^T * Gamma),  T = (I + A)^-1
+    W = T diag(beta e^gamma) K,  U = T diag(beta) v,  Delta = U - W S
+    O = diag(e^gamma) Q S + P Delta,  P = Q K^T * Gamma
+    S_next = e^gamma_C S + K^T diag(e^(gamma_C - gamma)) Delta
+
+Kernels. Forward: `_prepare_kernel` (per chunk: T, W, U and the row scales), `_state_fwd_kernel`
+(per sequence, value head and V tile: the sequential pass, chunk-entry states and Delta),
+`_output_kernel` (per chunk: O). Backward: the same prepare (also T, P^T dO) and state passes, then
+`_state_bwd_kernel` (the reverse pass: state gradients and dDelta), `_grad_local_kernel` and
+`_grad_state_kernel` (per chunk: the gradients without / through the states, including the
+backward through the UT transform) and `_qk_norm_bwd_kernel` (the L2 norms, summed over groups).
+
+Precision. With bf16 inputs every matmul runs on bf16 tensor cores with float32 accumulation,
+and no operand is rounded further than the inputs already are: a product of two raw bf16 inputs
+(q k^T, k k^T) is exact; a float32 operand x (T, S, Delta, ...) enters as its two-term split
+x = hi + lo (hi = bf16(x), lo = bf16(x - hi), about 16 significant bits), so x @ raw takes two
+bf16 matmuls and x @ y three (hi hi + lo hi + hi lo). The row scales (norms, decays, beta) are
+applied in float32 outside the matmuls: diag(a) q S = a * (q S). Buffers between kernels that feed
+matmuls (W, T, states, Delta and their gradients) are stored split, as two bf16 tensors (the bytes
+of float32); U and P^T dO, used elementwise, are float32. With bf16 inputs this leaves the outputs
+and gradients at the bf16 rounding of o, dq, dk, dv themselves (about 1.7e-3 against float64) and
+everything kept in float32 within about 4e-5, where one bf16 rounding of the matmul operands (fla's
+choice) gives about 1e-2 (docs/benchmarks.md). Float32 and float16 inputs are split like any
+float32 operand.
+
+Every exponent is masked before exp and is <= 0 for g <= 0 (no division by a decay).
+
+Hopper + Triton 3.4..3.7.0 miscompile `tl.trans` of a computed matrix used as a dot operand (fla
+#640): the kernels transpose only loaded tiles. The two computed matrices needed both ways in
+`_grad_local_kernel` go through a per-program scratch tile in global memory. 4 warps throughout:
+with 8, Triton lays chained 64-row matmuls out with all warps along the rows, duplicating their
+accumulators in both warpgroups.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter multiplies bf16 blocks wrongly (Triton 3.9 reads their bits as integers) and
+    # truncates float32 -> bf16; the GPU rounds to nearest even and multiplies bf16 exactly into
+    # float32. Emulate that: round explicitly, and multiply bf16 operands as float32 (exact).
+
+    @triton.jit
+    def _bf16(x):
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+    @triton.jit
+    def _dot(a, b, acc):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+else:
+
+    @triton.jit
+    def _bf16(x):
+        return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _dot(a, b, acc):
+        """acc + a @ b: bf16 operands, float32 accumulation."""
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _split(x):
+    """The two-term bf16 split of a float32 tile: x = hi + lo to about 16 significant bits."""
+    hi = _bf16(x)
+    return hi, _bf16(x - hi.to(tl.float32))
+
+
+@triton.jit
+def _mm_ss(ah, al, bh, bl, acc):
+    """acc + (ah + al) @ (bh + bl), dropping the lo @ lo term."""
+    acc = _dot(ah, bh, acc)
+    acc = _dot(al, bh, acc)
+    return _dot(ah, bl, acc)
+
+
+@triton.jit
+def _mm_rs(a, bh, bl, acc):
+    """acc + a @ (bh + bl) for a raw input tile a (exact in bf16 if it is bf16)."""
+    if a.dtype == tl.bfloat16:
+        acc = _dot(a, bh, acc)
+        acc = _dot(a, bl, acc)
+    else:
+        ah, al = _split(a.to(tl.float32))
+        acc = _mm_ss(ah, al, bh, bl, acc)
+    return acc
+
+
+@triton.jit
+def _mm_sr(ah, al, b, acc):
+    """acc + (ah + al) @ b for a raw input tile b."""
+    if b.dtype == tl.bfloat16:
+        acc = _dot(ah, b, acc)
+        acc = _dot(al, b, acc)
+    else:
+        bh, bl = _split(b.to(tl.float32))
+        acc = _mm_ss(ah, al, bh, bl, acc)
+    return acc
+
+
+@triton.jit
+def _mm_rr(a, b, acc):
+    """acc + a @ b for two raw input tiles: one exact bf16 matmul for bf16 inputs."""
+    if a.dtype == tl.bfloat16:
+        acc = _dot(a, b, acc)
+    else:
+        ah, al = _split(a.to(tl.float32))
+        bh, bl = _split(b.to(tl.float32))
+        acc = _mm_ss(ah, al, bh, bl, acc)
+    return acc
+
+
+@triton.jit
+def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+    """(I + A)^-1 for a strictly lower triangular A [BT, BT] (float32), by doubling the block size.
+
+    With T the inverse of the block diagonal of (I + A) in blocks of size h, the inverse in blocks of
+    2h is T - T C T, C the part of A in the lower-left h x h quadrant of each 2h block
+    ([[X, 0], [C, Y]]^-1 = [[X^-1, 0], [-Y^-1 C X^-1, Y^-1]]). Exact block forward substitution:
+    no power series, so no growth-and-cancellation when beta is near 2.
+    """
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    inv = tl.where(ii == jj, 1.0, 0.0) - tl.where((ii // 2) == (jj // 2), A, 0.0)
+    for level in tl.static_range(2, LOG2_BT + 1):
+        same_block = (ii >> level) == (jj >> level)
+        other_half = (ii >> (level - 1)) != (jj >> (level - 1))
+        ch, cl = _split(tl.where(same_block & other_half, A, 0.0))
+        ih, il = _split(inv)
+        xh, xl = _split(-_mm_ss(ih, il, ch, cl, tl.zeros([BT, BT], dtype=tl.float32)))
+        inv = _mm_ss(xh, xl, ih, il, inv)
+    return inv
+
+
+@triton.jit
+def _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT: tl.constexpr):
+    """(sequence or -1, chunk index in it, first token t0 (int64), valid rows in the chunk)."""
+    seq = tl.load(chunk_seq + slot)
+    local = tl.load(chunk_local + slot)
+    safe = tl.maximum(seq, 0)
+    bos = tl.load(cu_seqlens + safe).to(tl.int64)
+    eos = tl.load(cu_seqlens + safe + 1).to(tl.int64)
+    t0 = bos + local * BT
+    return seq, local, t0, tl.minimum(eos - t0, BT).to(tl.int32)
+
+
+# Tiles are addressed as a scalar 64-bit base pointer plus int32 offsets inside the tile: per-element
+# 64-bit pointers would cost two registers per element of every tile.
+@triton.jit
+def _load(base, stride, n_rows, n_cols, R: tl.constexpr, C: tl.constexpr):
+    """x[r, c] = base[r * stride + c] for r < n_rows, c < n_cols, else 0: a [R, C] tile."""
+    r = tl.arange(0, R)
+    c = tl.arange(0, C)
+    return tl.load(base + r[:, None] * stride + c[None, :], mask=(r[:, None] < n_rows) & (c[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _load_t(base, stride, n_rows, n_cols, R: tl.constexpr, C: tl.constexpr):
+    """The transpose [C, R] of `_load`'s tile, read transposed from memory."""
+    r = tl.arange(0, R)
+    c = tl.arange(0, C)
+    return tl.load(base + r[None, :] * stride + c[:, None], mask=(r[None, :] < n_rows) & (c[:, None] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store(base, stride, n_rows, n_cols, value, R: tl.constexpr, C: tl.constexpr):
+    r = tl.arange(0, R)
+    c = tl.arange(0, C)
+    if base.dtype.element_ty == tl.bfloat16:
+        if value.dtype == tl.float32:
+            value = _bf16(value)
+    tl.store(base + r[:, None] * stride + c[None, :], value.to(base.dtype.element_ty),
+             mask=(r[:, None] < n_rows) & (c[None, :] < n_cols))
+
+
+@triton.jit
+def _store_split(hi, lo, offset, stride, n_rows, n_cols, value, R: tl.constexpr, C: tl.constexpr):
+    vh, vl = _split(value)
+    _store(hi + offset, stride, n_rows, n_cols, vh, R, C)
+    _store(lo + offset, stride, n_rows, n_cols, vl, R, C)
+
+
+@triton.jit
+def _load_vec(base, stride, n, R: tl.constexpr):
+    r = tl.arange(0, R)
+    return tl.load(base + r * stride, mask=r < n, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rnorm(x, NORM: tl.constexpr):
+    """Reciprocal L2 norms [R] of the rows of a raw tile [R, C] (ones without normalisation)."""
+    if NORM:
+        xf = x.to(tl.float32)
+        r = tl.rsqrt(tl.sum(xf * xf, 1) + 1e-6)
+    else:
+        r = tl.full([x.shape[0]], 1.0, tl.float32)
+    return r
+
+
+@triton.jit
+def _prepare_kernel(
+    q, k, v, g, beta, do,
+    w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl,
+    cu_seqlens, chunk_seq, chunk_local,
+    scale, H, HV, K, V,
+    BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """Per (chunk slot, value head): W (split), U, kscale = r_k e^(gamma_C - gamma); in BACKWARD
+    mode also T (split), qscale = scale r_q e^gamma and P^T dO.
+
+    w_hi, w_lo: [NTOK, HV, K] bf16; u, dvl: [NTOK, HV, V] float32; kscale, qscale: [NTOK, HV]
+    float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T).
+    """
+    slot = tl.program_id(0)
+    hv = tl.program_id(1)
+    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    if seq < 0:
+        return
+    h = hv // (HV // H)
+    o_t = tl.arange(0, BT)
+    ii = o_t[:, None]
+    jj = o_t[None, :]
+    qk_base = (t0 * H + h) * K
+    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+    rk = _rnorm(kx, NORM)
+    gv = _load_vec(g + t0 * HV + hv, HV, n, BT)
+    bv = _load_vec(beta + t0 * HV + hv, HV, n, BT)
+    # Padded rows have g = 0, so gamma there equals gamma at the last real row (= gamma_C).
+    gam = tl.cumsum(gv, 0)
+    gam_last = tl.sum(gv, 0)
+
+    kk = _mm_rr(kx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32))
+    decay = tl.exp(tl.where(ii > jj, gam[:, None] - gam[None, :], float("-inf")))
+    A = kk * ((bv * rk)[:, None] * rk[None, :]) * decay
+    T = _unit_lower_inverse(A, BT, LOG2_BT)
+
+    hk = (t0 * HV + hv) * K
+    th, tl_ = _split(T * (bv * tl.exp(gam) * rk)[None, :])
+    _store_split(w_hi, w_lo, hk, HV * K, n, K, _mm_sr(th, tl_, kx, tl.zeros([BT, BK], dtype=tl.float32)), BT, BK)
+    tl.store(kscale + t0 * HV + hv + o_t * HV, rk * tl.exp(gam_last - gam), mask=o_t < n)
+    th, tl_ = _split(T * bv[None, :])
+
+    if BACKWARD:
+        qx = _load(q + qk_base, H * K, n, K, BT, BK)
+        rq = _rnorm(qx, NORM)
+        tl.store(qscale + t0 * HV + hv + o_t * HV, scale * rq * tl.exp(gam), mask=o_t < n)
+        _store_split(t_hi, t_lo, (t0 * HV + hv) * BT, HV * BT, n, BT, T, BT, BT)
+        # P^T[j, i] = P[i, j] for i >= j, built directly in transposed form: k_j . q_i.
+        pt = _mm_rr(kx, tl.trans(qx), tl.zeros([BT, BT], dtype=tl.float32))
+        pt = pt * (rk[:, None] * (scale * rq)[None, :])
+        pt = pt * tl.exp(tl.where(jj >= ii, gam[None, :] - gam[:, None], float("-inf")))
+        ph, pl = _split(pt)
+
+    hvv = (t0 * HV + hv) * V
+    for iv in range(0, tl.cdiv(V, BV)):
+        cols = V - iv * BV
+        vx = _load(v + hvv + iv * BV, HV * V, n, cols, BT, BV)
+        _store(u + hvv + iv * BV, HV * V, n, cols, _mm_sr(th, tl_, vx, tl.zeros([BT, BV], dtype=tl.float32)), BT, BV)
+        if BACKWARD:
+            dox = _load(do + hvv + iv * BV, HV * V, n, cols, BT, BV)
+            _store(dvl + hvv + iv * BV, HV * V, n, cols, _mm_sr(ph, pl, dox, tl.zeros([BT, BV], dtype=tl.float32)), BT, BV)
+
+
+@triton.jit
+def _state_fwd_kernel(
+    k, w_hi, w_lo, u, g, kscale, h0, s_hi, s_lo, d_hi, d_lo, ht,
+    cu_seqlens, chunk_offsets,
+    H, HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):
+    """Per (sequence, value head, V tile): the sequential pass over the sequence's chunks.
+
+    Stores each chunk-entry state S [K, V] in s_hi/s_lo[chunk] ([NCHUNK, HV, K, V] bf16, split) and
+    Delta = U - W S in d_hi/d_lo ([NTOK, HV, V] bf16, split); then
+    S <- e^gamma_C S + k^T (kscale * Delta). h0 / ht: [N, HV, K, V] float32 initial / final states.
+    """
+    n = tl.program_id(0)
+    hv = tl.program_id(1)
+    iv = tl.program_id(2)
+    h = hv // (HV // H)
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    num_chunks = tl.cdiv(eos - bos, BT)
+    cols = V - iv * BV
+    kv = K * V
+
+    if HAS_H0:
+        S = _load(h0 + (n * HV + hv) * kv + iv * BV, V, K, cols, BK, BV).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(0, num_chunks):
+        sh, sl = _split(S)
+        s_off = ((c0 + c) * HV + hv) * kv + iv * BV
+        _store(s_hi + s_off, V, K, cols, sh, BK, BV)
+        _store(s_lo + s_off, V, K, cols, sl, BK, BV)
+        t0 = bos + c * BT
+        rows = tl.minimum(eos - t0, BT).to(tl.int32)
+        hk = (t0 * HV + hv) * K
+        hvv = (t0 * HV + hv) * V + iv * BV
+        wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
+        wl = _load(w_lo + hk, HV * K, rows, K, BT, BK)
+        kx = _load(k + (t0 * H + h) * K, H * K, rows, K, BT, BK)
+        ux = _load(u + hvv, HV * V, rows, cols, BT, BV)
+        ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
+        gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
+        delta = ux - _mm_ss(wh, wl, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
+        _store_split(d_hi, d_lo, hvv, HV * V, rows, cols, delta, BT, BV)
+        dh, dl = _split(delta * ks[:, None])
+        S = _mm_rs(tl.trans(kx), dh, dl, S * tl.exp(gam_last))
+    if STORE_HT:
+        _store(ht + (n * HV + hv) * kv + iv * BV, V, K, cols, S, BK, BV)
+
+
+@triton.jit
+def _output_kernel(
+    q, k, g, s_hi, s_lo, d_hi, d_lo, o,
+    cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
+    scale, H, HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """Per (chunk slot, value head): O = (scale r_q e^gamma) * (q S) + P Delta."""
+    slot = tl.program_id(0)
+    hv = tl.program_id(1)
+    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    if seq < 0:
+        return
+    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
+    h = hv // (HV // H)
+    o_t = tl.arange(0, BT)
+    ii = o_t[:, None]
+    jj = o_t[None, :]
+    qk_base = (t0 * H + h) * K
+    qx = _load(q + qk_base, H * K, n, K, BT, BK)
+    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+    rq = _rnorm(qx, NORM) * scale
+    rk = _rnorm(kx, NORM)
+    gam = tl.cumsum(_load_vec(g + t0 * HV + hv, HV, n, BT), 0)
+    P = _mm_rr(qx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32))
+    P = P * (rq[:, None] * rk[None, :]) * tl.exp(tl.where(ii >= jj, gam[:, None] - gam[None, :], float("-inf")))
+    ph, pl = _split(P)
+    qs = rq * tl.exp(gam)
+    s_base = (chunk * HV + hv) * K * V
+    hvv = (t0 * HV + hv) * V
+    for iv in range(0, tl.cdiv(V, BV)):
+        cols = V - iv * BV
+        sh = _load(s_hi + s_base + iv * BV, V, K, cols, BK, BV)
+        sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
+        dh = _load(d_hi + hvv + iv * BV, HV * V, n, cols, BT, BV)
+        dl = _load(d_lo + hvv + iv * BV, HV * V, n, cols, BT, BV)
+        out = qs[:, None] * _mm_rs(qx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
+        out = _mm_ss(ph, pl, dh, dl, out)
+        _store(o + hvv + iv * BV, HV * V, n, cols, out, BT, BV)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    q, k, w_hi, w_lo, g, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0,
+    cu_seqlens, chunk_offsets,
+    H, HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+):
+    """Per (sequence, value head, V tile): the reverse pass over chunks.
+
+    With dS the gradient of the state leaving the chunk (stored split in ds_hi/ds_lo[chunk]):
+        dDelta = P^T dO + kscale * (k dS)                     (P^T dO precomputed in dvl)
+        dS    <- e^gamma_C dS + q^T (qscale * dO) - W^T dDelta
+    """
+    n = tl.program_id(0)
+    hv = tl.program_id(1)
+    iv = tl.program_id(2)
+    h = hv // (HV // H)
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    num_chunks = tl.cdiv(eos - bos, BT)
+    cols = V - iv * BV
+    kv = K * V
+
+    if HAS_DHT:
+        dS = _load(dht + (n * HV + hv) * kv + iv * BV, V, K, cols, BK, BV).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    for step in range(0, num_chunks):
+        c = num_chunks - 1 - step
+        sh, sl = _split(dS)
+        s_off = ((c0 + c) * HV + hv) * kv + iv * BV
+        _store(ds_hi + s_off, V, K, cols, sh, BK, BV)
+        _store(ds_lo + s_off, V, K, cols, sl, BK, BV)
+        t0 = bos + c * BT
+        rows = tl.minimum(eos - t0, BT).to(tl.int32)
+        hk = (t0 * HV + hv) * K
+        qk = (t0 * H + h) * K
+        hvv = (t0 * HV + hv) * V + iv * BV
+        kx = _load(k + qk, H * K, rows, K, BT, BK)
+        qx = _load(q + qk, H * K, rows, K, BT, BK)
+        wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
+        wl = _load(w_lo + hk, HV * K, rows, K, BT, BK)
+        dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
+        local = _load(dvl + hvv, HV * V, rows, cols, BT, BV)
+        ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
+        qs = _load_vec(qscale + t0 * HV + hv, HV, rows, BT)
+        gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
+        ddelta = local + ks[:, None] * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
+        _store_split(dd_hi, dd_lo, hvv, HV * V, rows, cols, ddelta, BT, BV)
+        oh, ol = _split(dox * qs[:, None])
+        dS = _mm_rs(tl.trans(qx), oh, ol, dS * tl.exp(gam_last))
+        ddh, ddl = _split(-ddelta)
+        dS = _mm_ss(tl.trans(wh), tl.trans(wl), ddh, ddl, dS)
+    if STORE_DH0:
+        _store(dh0 + (n * HV + hv) * kv + iv * BV, V, K, cols, dS, BK, BV)
+
+
+@triton.jit
+def _grad_local_kernel(
+    q, k, v, g, beta, t_hi, t_lo, d_hi, d_lo, dd_hi, dd_lo, do, scratch,
+    dv, dq_part, dk_part, dbeta_part, dgam_part,
+    cu_seqlens, chunk_seq, chunk_local,
+    scale, H, HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """Per (chunk slot, value head), the gradients within the chunk (first of two kernels).
+
+    With dVb = T^T dDelta (the gradient of diag(beta) v), contracted over V tile by tile:
+    dP = dO Delta^T (P = Q K^T * Gamma) and dA = -dVb Delta^T (A = diag(beta) K K^T * Gamma; from
+    dA = -T^T dT T^T, as U - W S = Delta). With dPm = dP * Gamma and dM = dA * Gamma * beta (the
+    gradient of K K^T), stores dv and the parts
+
+        dq_part = scale dPm K      dk_part = dPm^T Q + (dM + dM^T) K
+
+    of the gradients of the normalised q and k ([NTOK, HV, K] float32), and the parts of dbeta and
+    dgamma (the gradient of the within-chunk cumsum gamma) these give. scratch: [slots, HV, BT, BT]
+    float32, to transpose dPm and dM.
+    """
+    slot = tl.program_id(0)
+    hv = tl.program_id(1)
+    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    if seq < 0:
+        return
+    h = hv // (HV // H)
+    o_t = tl.arange(0, BT)
+    ii = o_t[:, None]
+    jj = o_t[None, :]
+    gam = tl.cumsum(_load_vec(g + t0 * HV + hv, HV, n, BT), 0)
+    bv = _load_vec(beta + t0 * HV + hv, HV, n, BT)
+    t_base = (t0 * HV + hv) * BT
+    # T^T, loaded transposed: tt[a, b] = T[b, a].
+    tth = _load_t(t_hi + t_base, HV * BT, n, BT, BT, BT)
+    ttl = _load_t(t_lo + t_base, HV * BT, n, BT, BT, BT)
+
+    acc_p = tl.zeros([BT, BT], dtype=tl.float32)  # dO Delta^T
+    acc_a = tl.zeros([BT, BT], dtype=tl.float32)  # dVb Delta^T  (dA = -acc_a)
+    dbeta_acc = tl.zeros([BT], dtype=tl.float32)
+    hvv = (t0 * HV + hv) * V
+    for iv in range(0, tl.cdiv(V, BV)):
+        cols = V - iv * BV
+        base = hvv + iv * BV
+        dh = _load(d_hi + base, HV * V, n, cols, BT, BV)
+        dl = _load(d_lo + base, HV * V, n, cols, BT, BV)
+        ddh = _load(dd_hi + base, HV * V, n, cols, BT, BV)
+        ddl = _load(dd_lo + base, HV * V, n, cols, BT, BV)
+        dox = _load(do + base, HV * V, n, cols, BT, BV)
+        vx = _load(v + base, HV * V, n, cols, BT, BV)
+        dvb = _mm_ss(tth, ttl, ddh, ddl, tl.zeros([BT, BV], dtype=tl.float32))
+        _store(dv + base, HV * V, n, cols, dvb * bv[:, None], BT, BV)
+        dbeta_acc += tl.sum(dvb * vx.to(tl.float32), 1)
+        acc_p = _mm_rs(dox, tl.trans(dh), tl.trans(dl), acc_p)
+        vbh, vbl = _split(dvb)
+        acc_a = _mm_ss(vbh, vbl, tl.trans(dh), tl.trans(dl), acc_a)
+
+    qk_base = (t0 * H + h) * K
+    hk = (t0 * HV + hv) * K
+    qx = _load(q + qk_base, H * K, n, K, BT, BK)
+    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+    rq = _rnorm(qx, NORM)
+    rk = _rnorm(kx, NORM)
+    decay_incl = tl.exp(tl.where(ii >= jj, gam[:, None] - gam[None, :], float("-inf")))
+    # E = dP * P + dA * A: the gradient of the exponents gamma_i - gamma_j.
+    dPm = acc_p * decay_incl
+    E = dPm * _mm_rr(qx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32)) * ((rq * scale)[:, None] * rk[None, :])
+    tile = scratch + (slot.to(tl.int64) * HV + hv) * BT * BT
+    tl.store(tile + ii * BT + jj, dPm)
+    ph, pl = _split(dPm * (scale * rk)[None, :])
+    _store(dq_part + hk, HV * K, n, K, _mm_sr(ph, pl, kx, tl.zeros([BT, BK], dtype=tl.float32)), BT, BK)
+    tl.debug_barrier()
+    ph, pl = _split(tl.load(tile + jj * BT + ii) * (rq * scale)[None, :])
+    tl.debug_barrier()
+    dK = _mm_sr(ph, pl, qx, tl.zeros([BT, BK], dtype=tl.float32))
+
+    dAd = -acc_a * tl.where(ii > jj, decay_incl, 0.0)
+    kk = _mm_rr(kx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32)) * (rk[:, None] * rk[None, :])
+    dM = dAd * bv[:, None]
+    E += dM * kk
+    dbeta_acc += tl.sum(dAd * kk, 1)
+    tl.store(tile + ii * BT + jj, dM)
+    tl.debug_barrier()
+    mh, ml = _split((dM + tl.load(tile + jj * BT + ii)) * rk[None, :])
+    _store(dk_part + hk, HV * K, n, K, _mm_sr(mh, ml, kx, dK), BT, BK)
+    tl.store(dbeta_part + t0 * HV + hv + o_t * HV, dbeta_acc, mask=o_t < n)
+    tl.store(dgam_part + t0 * HV + hv + o_t * HV, tl.sum(E, 1) - tl.sum(E, 0), mask=o_t < n)
+
+
+@triton.jit
+def _grad_state_kernel(
+    q, k, g, beta, t_hi, t_lo, s_hi, s_lo, ds_hi, ds_lo, d_hi, d_lo, dd_hi, dd_lo, do,
+    dq_part, dk_part, dbeta_part, dgam_part,
+    dq_hat, dk_hat, dbeta, dg,
+    cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
+    scale, H, HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """Per (chunk slot, value head), the gradients through the states (second of two), and the sums.
+
+    Inputs: the chunk-entry state S, the gradient dS' of the state leaving the chunk, Delta and
+    dDelta from the two sequential passes, T from `_prepare_kernel`, `_grad_local_kernel`'s parts.
+    Contracted over V tile by tile, with dVb = T^T dDelta:
+
+        dQd = dO S^T      Z = diag(e^(gamma_C - gamma)) Delta dS'^T - diag(beta e^gamma) dVb S^T
+
+    Z is the gradient of K through the state update (Kd = diag(e^(gamma_C - gamma)) K) and through
+    W = T diag(beta e^gamma) K (dKb = T^T dW = -dVb S^T). Stores dq_hat = dq_part + scale e^gamma dQd
+    and dk_hat = dk_part + Z ([NTOK, HV, K] float32, the gradients of the normalised q and k;
+    `_qk_norm_bwd_kernel` goes back through the norms), dbeta, and dg = the reverse within-chunk
+    cumsum of dgamma. The row sums <x_j, .> the gate and beta gradients need come from the products
+    q S, k S and k dS' inside the loop, not from [BT, BK] tiles after it.
+    """
+    slot = tl.program_id(0)
+    hv = tl.program_id(1)
+    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    if seq < 0:
+        return
+    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
+    h = hv // (HV // H)
+    o_t = tl.arange(0, BT)
+    gv = _load_vec(g + t0 * HV + hv, HV, n, BT)
+    bv = _load_vec(beta + t0 * HV + hv, HV, n, BT)
+    gam = tl.cumsum(gv, 0)
+    gam_last = tl.sum(gv, 0)
+    eg = tl.exp(gam)
+    to_end = tl.exp(gam_last - gam)
+    bek = bv * eg
+    t_base = (t0 * HV + hv) * BT
+    # T^T, loaded transposed: tt[a, b] = T[b, a].
+    tth = _load_t(t_hi + t_base, HV * BT, n, BT, BT, BT)
+    ttl = _load_t(t_lo + t_base, HV * BT, n, BT, BT, BT)
+    qk_base = (t0 * H + h) * K
+    hk = (t0 * HV + hv) * K
+    qx = _load(q + qk_base, H * K, n, K, BT, BK)
+    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+
+    acc_q = _load(dq_part + hk, HV * K, n, K, BT, BK)  # + scale e^gamma dO S^T
+    acc_z = _load(dk_part + hk, HV * K, n, K, BT, BK)  # + Z
+    r_q = tl.zeros([BT], dtype=tl.float32)  # rowsum(dO * (q S))
+    r_kd = tl.zeros([BT], dtype=tl.float32)  # rowsum(Delta * (k dS'))
+    r_kb = tl.zeros([BT], dtype=tl.float32)  # rowsum(dVb * (k S))
+    state_dot = tl.zeros([BK], dtype=tl.float32)  # <S, dS'> by rows of S
+    s_base = (chunk * HV + hv) * K * V
+    hvv = (t0 * HV + hv) * V
+    for iv in range(0, tl.cdiv(V, BV)):
+        cols = V - iv * BV
+        sh = _load(s_hi + s_base + iv * BV, V, K, cols, BK, BV)
+        sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
+        dsh = _load(ds_hi + s_base + iv * BV, V, K, cols, BK, BV)
+        dsl = _load(ds_lo + s_base + iv * BV, V, K, cols, BK, BV)
+        base = hvv + iv * BV
+        delta = _load(d_hi + base, HV * V, n, cols, BT, BV).to(tl.float32) + _load(d_lo + base, HV * V, n, cols, BT, BV).to(tl.float32)
+        ddh = _load(dd_hi + base, HV * V, n, cols, BT, BV)
+        ddl = _load(dd_lo + base, HV * V, n, cols, BT, BV)
+        dox = _load(do + base, HV * V, n, cols, BT, BV).to(tl.float32)
+
+        ah, al = _split(dox * (scale * eg)[:, None])
+        acc_q = _mm_ss(ah, al, tl.trans(sh), tl.trans(sl), acc_q)
+        dvb = _mm_ss(tth, ttl, ddh, ddl, tl.zeros([BT, BV], dtype=tl.float32))
+        ah, al = _split(delta * to_end[:, None])
+        acc_z = _mm_ss(ah, al, tl.trans(dsh), tl.trans(dsl), acc_z)
+        ah, al = _split(dvb * (-bek)[:, None])
+        acc_z = _mm_ss(ah, al, tl.trans(sh), tl.trans(sl), acc_z)
+        r_q += tl.sum(dox * _mm_rs(qx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
+        r_kd += tl.sum(delta * _mm_rs(kx, dsh, dsl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
+        r_kb += tl.sum(dvb * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
+        state_dot += tl.sum((sh.to(tl.float32) + sl.to(tl.float32)) * (dsh.to(tl.float32) + dsl.to(tl.float32)), 1)
+
+    _store(dq_hat + hk, HV * K, n, K, acc_q, BT, BK)
+    _store(dk_hat + hk, HV * K, n, K, acc_z, BT, BK)
+    rq = _rnorm(qx, NORM)
+    rk = _rnorm(kx, NORM)
+    # O = diag(e^gamma) Q S + ...: dgamma_i = e^gamma_i <Q_i, dQd_i>.
+    dgam = _load_vec(dgam_part + t0 * HV + hv, HV, n, BT) + (eg * scale) * rq * r_q
+    # State passed on: S' = e^gamma_C S + Kd^T Delta; W = T diag(beta e^gamma) K.
+    dto_end = to_end * rk * r_kd
+    kdkb = -rk * r_kb  # <K_j, dKb_j>
+    dgam += bek * kdkb - dto_end
+    dgam_last = tl.sum(dto_end, 0) + tl.exp(gam_last) * tl.sum(state_dot, 0)
+    # gamma_C is gamma at the last real row (padded rows have g = 0): its gradient goes there.
+    dgam += tl.where(o_t == n - 1, dgam_last, 0.0)
+    # gamma is a within-chunk cumsum of g: dg_j = sum_{i >= j} dgamma_i.
+    dgv = tl.sum(dgam, 0) - tl.cumsum(dgam, 0) + dgam
+    dbeta_v = _load_vec(dbeta_part + t0 * HV + hv, HV, n, BT) + eg * kdkb
+    tl.store(dbeta + t0 * HV + hv + o_t * HV, dbeta_v, mask=o_t < n)
+    tl.store(dg + t0 * HV + hv + o_t * HV, dgv, mask=o_t < n)
+
+
+@triton.jit
+def _qk_norm_bwd_kernel(
+    q, k, dq_hat, dk_hat, dq, dk,
+    NTOK, H, HV, K,
+    BT: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+):
+    """Per (block of BT tokens, q/k head): sum the value heads' dq_hat, dk_hat ([NTOK, HV, K] float32)
+    over the group, go back through the L2 norm (x_hat = x r: dx = r (dx_hat - x_hat (x_hat . dx_hat)))
+    and store dq, dk [NTOK, H, K] in the inputs' dtype.
+    """
+    t0 = tl.program_id(0).to(tl.int64) * BT
+    h = tl.program_id(1)
+    n = tl.minimum(NTOK - t0, BT).to(tl.int32)
+    group = HV // H
+    for which in tl.static_range(2):
+        if which == 0:
+            x_ptr, dx_hat, dx = q, dq_hat, dq
+        else:
+            x_ptr, dx_hat, dx = k, dk_hat, dk
+        acc = tl.zeros([BT, BK], dtype=tl.float32)
+        for j in range(0, group):
+            acc += _load(dx_hat + (t0 * HV + h * group + j) * K, HV * K, n, K, BT, BK)
+        if NORM:
+            x = _load(x_ptr + (t0 * H + h) * K, H * K, n, K, BT, BK).to(tl.float32)
+            r = tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
+            acc = (acc - x * (r * r * tl.sum(x * acc, 1))[:, None]) * r[:, None]
+        _store(dx + (t0 * H + h) * K, H * K, n, K, acc, BT, BK)
