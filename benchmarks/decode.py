@@ -9,11 +9,19 @@ capture and a warm-up prefill of one chunk run before the clock starts.
 - decode tok/s: batch * decode steps / decode seconds
 - end-to-end tok/s: generated tokens / (prefill + decode) seconds (what the transformers anchor measures)
 - cache: bytes the cache holds (`HybridCache.nbytes()`); extra: CUDA peak allocated during the call
-  minus what was allocated before the cache (cache + activations + graph pool)
+  minus what was allocated before the cache (cache + activations + graph pool + the fused step's
+  derived weights)
 
-`--check` first verifies the GPU path: CUDA-graph decode == eager decode (tokens and logits) and the
-static decode step == a full forward (float32 and bf16). `--transformers` also times transformers'
-`generate` on the same configurations (batch 8, 4096-token prompts), before the largest cells.
+Decoding uses the fused step (`decode_step(fused=True)`: stacked projections, fused RMSNorm,
+in-place Triton GDN state updates). First, at the anchor setting (batch 8, 4096-token prompts) of
+every preset, the reference decode step (`fused=False`, the blocks' own forward, no derived weights)
+and the fused one are compared: times, GPU kernels per decode step (profiled, one eager step) and
+whether the greedy tokens agree (`--no-compare` skips this).
+
+`--check` first verifies the GPU path: CUDA-graph decode == eager decode (tokens and logits), the
+static decode step == a full forward, and the fused step == the reference step (float32 and bf16).
+`--transformers` also times transformers' `generate` on the same configurations (batch 8,
+4096-token prompts), before the largest cells.
 
     python benchmarks/decode.py --check --transformers --out results.jsonl
 """
@@ -79,6 +87,13 @@ def check_gpu_path(device: str, new_tokens: int = 40) -> list[dict]:
             eager_cache = model.allocate_cache(len(lengths), width + new_tokens)
             model(ids, attention_mask=mask, cache=eager_cache)
             eager = torch.stack([model.decode_step(continuation[:, t : t + 1], eager_cache) for t in range(new_tokens)], 1)
+            reference_cache = model.allocate_cache(len(lengths), width + new_tokens)
+            model(ids, attention_mask=mask, cache=reference_cache)
+            reference = torch.stack(
+                [model.decode_step(continuation[:, t : t + 1], reference_cache, fused=False) for t in range(new_tokens)],
+                1,
+            )
+            fused_gap = float((eager.float() - reference.float()).abs().max() / reference.float().abs().max())
 
             graph_cache = model.allocate_cache(len(lengths), width + new_tokens)
             step_ids = continuation[:, :1].clone()
@@ -116,24 +131,54 @@ def check_gpu_path(device: str, new_tokens: int = 40) -> list[dict]:
                 "preset": preset,
                 "dtype": str(dtype).removeprefix("torch."),
                 "static_decode_vs_full_forward_rel_err": worst,
+                "fused_vs_reference_step_rel_err": fused_gap,
                 "tolerance": tolerance,
                 "graph_vs_eager_max_abs_diff": graph_gap,
                 "graph_equals_eager_tokens": tokens[True] == tokens[False],
             }
-            row["ok"] = worst <= tolerance and graph_gap == 0.0 and row["graph_equals_eager_tokens"]
+            row["ok"] = (
+                worst <= tolerance and fused_gap <= tolerance and graph_gap == 0.0 and row["graph_equals_eager_tokens"]
+            )
             print(json.dumps(row), flush=True)
             results.append(row)
-            del model, eager_cache, graph_cache, graph
+            del model, eager_cache, reference_cache, graph_cache, graph
     return results
+
+
+def kernels_per_step(model: HybridLM, engine: Generator, fused: bool) -> int | None:
+    """GPU kernels (and memory operations) of one eager decode step, from the CUDA profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        engine.cache.reset()
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            model.decode_step(engine._step_ids, engine.cache, fused=fused)
+            torch.cuda.synchronize()
+        return sum(1 for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as error:  # the count is informative; a profiler problem must not stop the run
+        print(f"kernel count failed: {error!r}"[:300], file=sys.stderr)
+        return None
 
 
 # The grid ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def run_cell(
-    model: HybridLM, preset: str, batch: int, context: int, new_tokens: int, device: str, use_cuda_graph: bool = True
+    model: HybridLM,
+    preset: str,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    device: str,
+    use_cuda_graph: bool = True,
+    fused: bool = True,
+    keep_tokens: bool = False,
 ) -> dict:
+    # Start without derived weights: the reference path then prefills unfused too, and the fused
+    # path's extra memory includes its derived weights (built by the Generator).
+    model.release_inference_weights()
     baseline = allocated_bytes(device)
-    engine = Generator(model, batch, context + new_tokens, use_cuda_graph=use_cuda_graph and device == "cuda")
+    use_cuda_graph = use_cuda_graph and device == "cuda"
+    engine = Generator(model, batch, context + new_tokens, use_cuda_graph=use_cuda_graph, fused=fused)
     generator = torch.Generator(device).manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch, context), device=device, generator=generator)
     chunk = max(1, engine.prefill_chunk_tokens // batch)
@@ -160,9 +205,30 @@ def run_cell(
         "extra_peak_bytes": (stats.peak_memory_bytes or 0) - baseline,
         "capture_and_warmup_s": warm,
         "cuda_graph": stats.cuda_graph,
+        "fused": fused,
     }
+    if keep_tokens:
+        row["tokens"] = output.sequences
+        if device == "cuda":
+            row["kernels_per_step"] = kernels_per_step(model, engine, fused)
     del engine, output
     return row
+
+
+def compare_paths(
+    model: HybridLM, preset: str, new_tokens: int, device: str, batch: int = 8, context: int = 4096
+) -> list[dict]:
+    """The reference decode step vs the fused one at one cell: times, kernels per step, token agreement."""
+    rows = {}
+    for fused in (False, True):
+        rows[fused] = run_cell(model, preset, batch, context, new_tokens, device, fused=fused, keep_tokens=True)
+    reference_tokens, fused_tokens = rows[False].pop("tokens"), rows[True].pop("tokens")
+    same = sum(a == b for ref, new in zip(reference_tokens, fused_tokens) for a, b in zip(ref, new))
+    total = sum(len(ref) for ref in reference_tokens)
+    for fused, row in rows.items():
+        row["compare"] = "fused" if fused else "reference"
+        row["tokens_equal_to_reference"] = f"{same}/{total}"
+    return [rows[False], rows[True]]
 
 
 @torch.no_grad()
@@ -215,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", nargs="+", type=int, default=[4096, 32768, 65536])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--check", action="store_true", help="verify the GPU decode path first")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the reference-vs-fused decode step comparison at batch 8, 4096-token prompts")
     parser.add_argument("--transformers", action="store_true", help="also time transformers' generate (batch 8, 4K)")
     parser.add_argument("--budget-seconds", type=float, default=1e9,
                         help="skip the remaining (largest) cells once this much time has passed")
@@ -251,6 +319,20 @@ def main(argv: list[str] | None = None) -> int:
             record({"check": "gpu-path", "error": repr(error)[:500]})
     max_length = max(args.contexts) + args.new_tokens
     models = {preset: build_model(preset, max_length, torch.bfloat16, device) for preset in args.presets}
+    compare_rows = []
+    if not args.no_compare:
+        for preset in args.presets:
+            context = min(4096, max(args.contexts))
+            try:
+                for row in compare_paths(models[preset], preset, args.new_tokens, device, context=context):
+                    record(row)
+                    compare_rows.append(row)
+            except Exception as error:  # report, then still measure the grid
+                traceback.print_exc()
+                record({"preset": preset, "compare": "error", "error": repr(error)[:500]})
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     cells = sorted(
         ((batch * context, batch, context, preset) for preset in args.presets for batch in args.batches for context in args.contexts),
         key=lambda cell: (cell[0], cell[1], args.presets.index(cell[3])),
@@ -304,6 +386,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['preset']:<10} {row['batch']:>5} {row['context']:>7} {row['prefill_tok_s']:>13,.0f} "
               f"{row['decode_tok_s']:>12,.0f} {row['step_ms']:>8.2f} {row['end_to_end_tok_s']:>9,.0f} "
               f"{row['cache_bytes'] / GiB:>9.2f} {row['extra_peak_bytes'] / GiB:>9.2f}")
+    if compare_rows:
+        print()
+        print(f"{'preset':<10} {'decode step':<11} {'prefill s':>9} {'decode s':>8} {'step ms':>8} {'e2e tok/s':>9} "
+              f"{'kernels/step':>12} {'tokens = ref':>12}")
+        for row in compare_rows:
+            kernels = row.get("kernels_per_step")
+            print(f"{row['preset']:<10} {row['compare']:<11} {row['prefill_s']:>9.3f} {row['decode_s']:>8.3f} "
+                  f"{row['step_ms']:>8.2f} {row['end_to_end_tok_s']:>9,.0f} {kernels if kernels is not None else '-':>12} "
+                  f"{row['tokens_equal_to_reference']:>12}")
     for row in hf_rows:
         if "error" in row:
             print(f"{row['preset']:<10} transformers: {row['error'][:100]}")

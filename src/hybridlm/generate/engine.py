@@ -3,8 +3,10 @@
 Prefill runs `HybridLM.forward` with the cache (the chunked GDN operator, any prompt length, in
 chunks of at most `prefill_chunk_tokens` tokens so activations stay bounded). Decoding runs the
 static-shape `HybridLM.decode_step` (the recurrent GDN step, attention over the preallocated KV
-buffers); on a GPU that step is captured once in a CUDA graph and replayed, so a step costs one
-graph launch instead of hundreds of kernel launches from Python.
+buffers), by default its fused path (stacked projections and in-place Triton state updates, with
+the derived weights of `HybridLM.prepare_for_inference`, refreshed at every call); on a GPU that
+step is captured once in a CUDA graph and replayed, so a step costs one graph launch instead of
+hundreds of kernel launches from Python.
 
 `generate(model, input_ids, ...)` does one call; a `Generator` keeps its cache and captured graph
 for repeated calls with the same batch size and length budget (serving, benchmarks).
@@ -136,6 +138,8 @@ class Generator:
         The graph is captured on the first call and replayed afterwards.
     prefill_chunk_tokens: at most this many tokens (batch x chunk length) per prefill forward.
     gdn_impl: the `gated_delta_rule` implementation for GDN layers ("auto" picks the fastest).
+    fused: decode with `decode_step(fused=True)` (default); False runs the reference blocks (for
+        comparisons; same tokens up to float rounding, slower).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class Generator:
         use_cuda_graph: bool | None = None,
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
         gdn_impl: str = "auto",
+        fused: bool = True,
     ):
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1; got {batch_size} and {max_length}")
@@ -158,6 +163,7 @@ class Generator:
         self.max_length = max_length
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.gdn_impl = gdn_impl
+        self.fused = fused
         self.cache = model.allocate_cache(batch_size, max_length, dtype=dtype)
         self.device = self.cache.key_padding.device
         if use_cuda_graph is None:
@@ -174,9 +180,12 @@ class Generator:
         """Feed tokens [B] and return the next logits [B, vocab] (a buffer reused by the next call)."""
         self._step_ids.copy_(tokens[:, None])
         if self._graph is None:
-            return self.model.decode_step(self._step_ids, self.cache, gdn_impl=self.gdn_impl)
+            return self._decode_step()
         self._graph.replay()
         return self._step_logits
+
+    def _decode_step(self) -> torch.Tensor:
+        return self.model.decode_step(self._step_ids, self.cache, gdn_impl=self.gdn_impl, fused=self.fused)
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -187,12 +196,12 @@ class Generator:
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.cache.reset()
-                self.model.decode_step(self._step_ids, self.cache, gdn_impl=self.gdn_impl)
+                self._decode_step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.cache.reset()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step_logits = self.model.decode_step(self._step_ids, self.cache, gdn_impl=self.gdn_impl)
+            self._step_logits = self._decode_step()
         self._graph = graph
         self.cache.reset()
 
@@ -274,6 +283,10 @@ class Generator:
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
 
+        # The fused step's derived weights follow the parameters as they are now (refilled in place,
+        # so a captured graph stays valid unless they had to be reallocated).
+        if self.fused and model.prepare_for_inference():
+            self._graph = None
         if self.use_cuda_graph and self._graph is None:
             self._capture()
         measure = return_stats
@@ -355,6 +368,7 @@ def generate(
     use_cuda_graph: bool | None = None,
     prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
     gdn_impl: str = "auto",
+    fused: bool = True,
 ) -> list[list[int]] | GenerationOutput:
     """Generate continuations of prompts with a `HybridLM`.
 
@@ -369,7 +383,7 @@ def generate(
     streamer: called after every step with the new token of each prompt (None for finished ones).
     return_stats: return a `GenerationOutput` (sequences + timing, cache bytes, peak memory) instead
         of the sequences alone.
-    use_cuda_graph, prefill_chunk_tokens, gdn_impl: see `Generator`.
+    use_cuda_graph, prefill_chunk_tokens, gdn_impl, fused: see `Generator`.
 
     Returns the generated ids of every prompt (the prompt itself excluded) as a list of lists, each
     ending at its first stop token (included) or after max_new_tokens.
@@ -391,6 +405,7 @@ def generate(
         use_cuda_graph=use_cuda_graph,
         prefill_chunk_tokens=prefill_chunk_tokens,
         gdn_impl=gdn_impl,
+        fused=fused,
     )
     return engine.generate(
         input_ids,

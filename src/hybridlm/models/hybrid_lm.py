@@ -18,6 +18,7 @@ from hybridlm.models.config import HybridConfig
 from hybridlm.nn.attention import Attention, KVCache, KVCacheSlot, build_attention_mask
 from hybridlm.nn.blocks import AttentionBlock, GatedDeltaNetBlock
 from hybridlm.nn.gated_deltanet import GatedDeltaNet
+from hybridlm.nn.inference import HasInferenceWeights, rms_norm_fused, rotary_sign
 from hybridlm.nn.norm import GatedRMSNorm, RMSNorm
 from hybridlm.nn.rope import RotaryEmbedding
 
@@ -78,7 +79,7 @@ def build_block(config: HybridConfig, kind: str) -> nn.Module:
     return AttentionBlock(config.d_model, config.mlp_hidden, mixer, config.norm_eps, kind)
 
 
-class HybridLM(nn.Module):
+class HybridLM(HasInferenceWeights, nn.Module):
     """A causal language model of the hybrid family described by a `HybridConfig`."""
 
     def __init__(self, config: HybridConfig):
@@ -185,6 +186,60 @@ class HybridLM(nn.Module):
             next_index=torch.zeros(1, dtype=torch.long, device=device),
         )
 
+    # Derived inference weights --------------------------------------------------------------
+    def prepare_for_inference(self) -> bool:
+        """Build, or refresh from the current parameters, the derived weights of the fused decoding
+        path (`decode_step(fused=True)`): stacked q/k/v (and GDN a/b) projections, gate constants,
+        RoPE tables. They are not parameters: state_dict, save/load and
+        training never see them (see `hybridlm.nn.inference`). In bf16 they take about
+        (2 key_dim + value_dim) d_model per GDN layer and (H + 2 H_kv) head_dim d_model per attention
+        layer of extra memory (0.5 GB for hybrid-1b).
+
+        The fused path also builds them on first use and rebuilds them when a parameter changed;
+        call this after changing parameters in ways the version counter does not see (`param.data`)
+        and before capturing a CUDA graph. Once prepared (and while up to date), the GDN layers'
+        prefill uses the stacked projection too. Returns True if any derived tensor was newly
+        allocated (a CUDA graph captured with the old ones must be captured again); otherwise they
+        were refilled in place.
+        """
+        reallocated = False
+        for module in self.modules():
+            if isinstance(module, HasInferenceWeights):
+                reallocated |= module.refresh_inference_weights()
+        return reallocated
+
+    def release_inference_weights(self) -> None:
+        """Free the derived weights of every layer (the fused decoding path builds them again when
+        next used)."""
+        for module in self.modules():
+            if isinstance(module, HasInferenceWeights):
+                module.drop_inference_weights()
+
+    def _inference_sources(self) -> list[torch.Tensor]:
+        return [rotary.inv_freq for rotary in (self.rotary, self.rotary_full) if rotary is not None]
+
+    def _build_inference_weights(self) -> dict[str, torch.Tensor]:
+        """inv_freq (inv_freq_full): RoPE inverse frequencies repeated to head_dim; rotary_sign: see
+        `hybridlm.nn.inference.rotary_sign`."""
+        weights = {}
+        if self.rotary is not None:
+            weights["inv_freq"] = torch.cat([self.rotary.inv_freq, self.rotary.inv_freq])
+            weights["rotary_sign"] = rotary_sign(self.config.head_dim, device=self.rotary.inv_freq.device)
+        if self.rotary_full is not None:
+            weights["inv_freq_full"] = torch.cat([self.rotary_full.inv_freq, self.rotary_full.inv_freq])
+        return weights
+
+    def _decode_rotary(self, positions: torch.Tensor, *, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`RotaryEmbedding.forward` for positions [B, 1] in fewer kernels: (cos, signed_sin) float32
+        [B, 1, head_dim], the sin's first half negated (for `apply_rotary_fused`)."""
+        weights = self.inference_weights()
+        rotary = self.rotary_full if full else self.rotary
+        angles = positions.float()[..., None] * weights["inv_freq_full" if full else "inv_freq"]
+        cos, sin = angles.cos(), angles.sin()
+        if rotary.attention_factor != 1.0:
+            cos, sin = cos * rotary.attention_factor, sin * rotary.attention_factor
+        return cos, sin * weights["rotary_sign"]
+
     # Forward --------------------------------------------------------------------------------
     def forward(
         self,
@@ -266,6 +321,11 @@ class HybridLM(nn.Module):
                     mask=masks[block.kind],
                     state=state,
                 )
+        if not return_hidden_states:  # the final norm only where logits are computed (prefill: none or 1)
+            if not compute_logits:
+                return CausalLMOutput(logits=None, cache=cache)
+            if logits_to_keep is not None:
+                hidden = hidden[:, -logits_to_keep:]
         hidden = self.model.norm(hidden)
         logits = None
         if compute_logits:
@@ -273,11 +333,17 @@ class HybridLM(nn.Module):
             logits = self.lm_head(kept)
         return CausalLMOutput(logits=logits, hidden_states=hidden if return_hidden_states else None, cache=cache)
 
-    def decode_step(self, input_ids: torch.Tensor, cache: HybridCache, *, gdn_impl: str = "auto") -> torch.Tensor:
+    def decode_step(
+        self, input_ids: torch.Tensor, cache: HybridCache, *, gdn_impl: str = "auto", fused: bool = True
+    ) -> torch.Tensor:
         """One decoding step with static shapes and no host synchronisation, for CUDA-graph capture.
 
         input_ids: [B, 1] int64, the latest token of every sequence (no padding: every row advances).
         cache: a `HybridCache` after a prefill with `forward`; updated in place.
+        fused: run every block's fused `decode` (stacked projections, torch's fused RMSNorm, shorter
+            RoPE, and on GPUs Triton kernels that advance the GDN states in place), with the derived
+            weights of `prepare_for_inference` (built on first use). False runs the blocks' reference
+            `forward` instead: same result up to float rounding, more kernels. Without gradients.
         Returns logits [B, vocab] for the next token, in the model's dtype.
 
         Equal to `forward(input_ids, cache=cache).logits[:, -1]`, but every per-step quantity stays on
@@ -285,22 +351,36 @@ class HybridLM(nn.Module):
         preallocated buffer under a key mask built from `cache.key_padding`, and inputs are not checked
         (ids must lie in [0, vocab_size) and the cache must have room: the caller checks once).
         """
+        if fused and torch.is_grad_enabled():
+            raise ValueError(
+                "decode_step(fused=True) uses derived weights that carry no gradient; call it under "
+                "torch.no_grad() (or pass fused=False)"
+            )
         position = cache.next_index
         cache.key_padding.index_fill_(1, position, True)
         rotary = rotary_full = None
         if self.rotary is not None:
             token_positions = cache.positions[:, None]
-            rotary = self.rotary(token_positions)
-            rotary_full = self.rotary_full(token_positions) if self.rotary_full is not None else rotary
+            if fused:
+                rotary = self._decode_rotary(token_positions, full=False)
+                if self.rotary_full is not None:
+                    rotary_full = self._decode_rotary(token_positions, full=True)
+                else:
+                    rotary_full = rotary
+            else:
+                rotary = self.rotary(token_positions)
+                rotary_full = self.rotary_full(token_positions) if self.rotary_full is not None else rotary
         hidden = self.model.embed_tokens(input_ids)
         masks = {}
         for block, state in zip(self.model.layers, cache.layers):
             if isinstance(block, GatedDeltaNetBlock):
-                hidden = block(hidden, state=state, gdn_impl=gdn_impl)
+                step = block.decode if fused else block
+                hidden = step(hidden, state=state, gdn_impl=gdn_impl)
                 continue
             if state.capacity not in masks:
                 masks[state.capacity] = self._decode_key_mask(cache, state.capacity)
-            hidden = block(
+            step = block.decode if fused else block
+            hidden = step(
                 hidden,
                 rotary=rotary_full if block.kind == "attn" else rotary,
                 mask=masks[state.capacity],
@@ -308,7 +388,8 @@ class HybridLM(nn.Module):
             )
         cache.positions += 1
         cache.next_index += 1
-        return self.lm_head(self.model.norm(hidden[:, -1]))
+        last, norm = hidden[:, -1], self.model.norm
+        return self.lm_head(rms_norm_fused(last, norm.weight, norm.eps) if fused else norm(last))
 
     @staticmethod
     def _decode_key_mask(cache: HybridCache, capacity: int) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """Causal softmax attention with QK-norm, optional RoPE (or NoPE), GQA, sliding window,
-document masking, padding, and a preallocated KV cache for decoding."""
+document masking, padding, and a preallocated KV cache for decoding.
+
+`Attention.forward` is the reference path; `Attention.decode` the fused one-token step for
+generation (q/k/v in one matmul with a derived weight, torch's fused RMSNorm, a shorter RoPE).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm.nn.inference import HasInferenceWeights, apply_rotary_fused, rms_norm_fused
 from hybridlm.nn.norm import RMSNorm
 from hybridlm.nn.rope import apply_rotary
 
@@ -101,13 +106,14 @@ class KVCacheSlot:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values: [B, H_kv, 1, D] -> the whole buffers [B, H_kv, capacity, D]."""
-        slot = self.position % self.cache.capacity
+        # A full buffer has room for every position (the caller checks), so slots are positions.
+        slot = self.position % self.cache.capacity if self.cache.ring else self.position
         self.cache.keys.index_copy_(2, slot, keys)
         self.cache.values.index_copy_(2, slot, values)
         return self.cache.keys, self.cache.values
 
 
-class Attention(nn.Module):
+class Attention(HasInferenceWeights, nn.Module):
     """Multi-head / grouped-query causal attention of Olmo 2/3 and Olmo Hybrid.
 
     QK-norm is an RMSNorm over the whole q (and k) projection before the head split (`qk_norm="full"`,
@@ -187,6 +193,52 @@ class Attention(nn.Module):
             )
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+    def _inference_sources(self) -> list[torch.Tensor]:
+        return [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+
+    def _build_inference_weights(self) -> dict[str, torch.Tensor]:
+        """qkv_proj [(H + 2 H_kv) head_dim, d_model]: the q|k|v projections stacked."""
+        return {"qkv_proj": torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])}
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor,
+        kv_cache: KVCacheSlot,
+    ) -> torch.Tensor:
+        """One decoding step, fused: x [B, 1, d_model] -> [B, 1, d_model]; equal to `forward` up to
+        float rounding, in fewer kernels.
+
+        rotary: float32 (cos, signed_sin) [B, 1, head_dim] (see `hybridlm.nn.inference.apply_rotary_fused`),
+            or None (NoPE). mask: [B, 1, 1, capacity] bool over the cache slots.
+        kv_cache: the slot this token's key and value go to. Without gradients (derived weights).
+        """
+        batch = x.shape[0]
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = F.linear(x, self.inference_weights()["qkv_proj"]).split([q_width, kv_width, kv_width], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self._decode_qk_norm(q, k)
+        q = q.view(batch, 1, self.n_heads, self.head_dim)
+        k = k.view(batch, 1, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, 1, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self._decode_qk_norm(q, k)
+        if rotary is not None:
+            cos, signed_sin = rotary
+            q, k = apply_rotary_fused(q, cos, signed_sin), apply_rotary_fused(k, cos, signed_sin)
+        keys, values = kv_cache.append(k.transpose(1, 2), v.transpose(1, 2))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values,
+            attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, q_width))
+
+    def _decode_qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q_norm, k_norm = self.q_norm, self.k_norm
+        return rms_norm_fused(q, q_norm.weight, q_norm.eps), rms_norm_fused(k, k_norm.weight, k_norm.eps)
 
 
 def build_attention_mask(

@@ -4,6 +4,11 @@ Per token: q, k, v projections -> depthwise causal conv (kernel 4) + SiLU -> hea
 beta = sigmoid(b) (times 2 with negative eigenvalues); log decay g = -exp(A_log) * softplus(a + dt_bias)
 in float32; the gated delta rule with L2-normalised q, k; a gated RMSNorm (eps 1e-5, weight shared
 by heads, SiLU gate from g_proj) and the output projection.
+
+`forward` is the reference path (training, prefill, any length). `decode` is the fused one-token
+step for generation: q/k/v in one matmul and a/b in another (derived weights, see
+`hybridlm.nn.inference`), and on GPUs the Triton conv and recurrent kernels that advance the
+decoding state in place.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm.nn.inference import HasInferenceWeights
 from hybridlm.nn.norm import GatedRMSNorm
 from hybridlm.ops import gated_delta_rule
 from hybridlm.ops.conv import causal_conv1d
+from hybridlm.ops.gated_delta_rule.triton.backend import prefers_triton
 
 
 @dataclass
@@ -45,7 +52,7 @@ class ShortConvolution(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(HasInferenceWeights, nn.Module):
     def __init__(
         self,
         d_model: int,
@@ -92,6 +99,28 @@ class GatedDeltaNet(nn.Module):
     def conv_channels(self) -> int:
         return 2 * self.key_dim + self.value_dim
 
+    def _inference_sources(self) -> list[torch.Tensor]:
+        sources = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.b_proj.weight]
+        sources += [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]
+        if self.use_decay:
+            sources += [self.a_proj.weight, self.A_log, self.dt_bias]
+        return sources
+
+    def _build_inference_weights(self) -> dict[str, torch.Tensor]:
+        """qkv_proj [2*key_dim + value_dim, d_model]: q|k|v projections stacked (the conv's input
+        channels in order); ab_proj [(2 or 1)*HV, d_model]: a|b (or b alone without decay);
+        conv_weight [C, W]; neg_decay_rate = -exp(A_log) and dt_bias [HV] in the gate dtype."""
+        weights = {
+            "qkv_proj": torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+            "conv_weight": torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).squeeze(1),
+            "ab_proj": torch.cat([self.a_proj.weight, self.b_proj.weight]) if self.use_decay else self.b_proj.weight,
+        }
+        if self.use_decay:
+            gate_dtype = torch.promote_types(self.A_log.dtype, torch.float32)
+            weights["neg_decay_rate"] = -self.A_log.to(gate_dtype).exp()
+            weights["dt_bias"] = self.dt_bias.to(gate_dtype)
+        return weights
+
     def init_state(self, batch: int, *, device, dtype) -> GDNState:
         """A zero decoding state (conv state in the activation dtype, recurrent state in float32)."""
         return GDNState(
@@ -133,8 +162,12 @@ class GatedDeltaNet(nn.Module):
         batch, seq_len, _ = x.shape
         if padding_mask is not None:
             x = x * padding_mask[:, :, None].to(x.dtype)
-        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], dim=0)
+        derived = None if torch.is_grad_enabled() else self.prepared_inference_weights()
+        if derived is not None:  # inference after HybridLM.prepare_for_inference: one matmul, no concat
+            mixed, conv_weight = F.linear(x, derived["qkv_proj"]), derived["conv_weight"]
+        else:
+            mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], dim=0)
         # Gates in float32 (float64 when the model runs in float64, for gradient checks).
         gate_dtype = torch.promote_types(x.dtype, torch.float32)
         beta = torch.sigmoid(self.b_proj(x).to(gate_dtype))
@@ -165,10 +198,7 @@ class GatedDeltaNet(nn.Module):
                 output_final_state=state is not None,
             )
             initial_recurrent = None if state is None else state.recurrent_state
-        q, k, v = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(*q.shape[:2], self.key_heads, self.key_head_dim)
-        k = k.reshape(*k.shape[:2], self.key_heads, self.key_head_dim)
-        v = v.reshape(*v.shape[:2], self.value_heads, self.value_head_dim)
+        q, k, v = self._split_heads(mixed)
         out, final_recurrent = gated_delta_rule(
             q,
             k,
@@ -190,3 +220,61 @@ class GatedDeltaNet(nn.Module):
             gate = self.g_proj(x).reshape(batch, seq_len, self.value_heads, self.value_head_dim)
         out = self.o_norm(out, gate)
         return self.o_proj(out.reshape(batch, seq_len, self.value_dim))
+
+    def _split_heads(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, 2*key_dim + value_dim] -> q, k [B, T, H, K] and v [B, T, HV, V] (views)."""
+        q, k, v = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(*q.shape[:2], self.key_heads, self.key_head_dim)
+        k = k.reshape(*k.shape[:2], self.key_heads, self.key_head_dim)
+        v = v.reshape(*v.shape[:2], self.value_heads, self.value_head_dim)
+        return q, k, v
+
+    def decode(self, x: torch.Tensor, state: GDNState, *, impl: str = "auto") -> torch.Tensor:
+        """One decoding step, fused: x [B, 1, d_model] (already normed) -> [B, 1, d_model].
+
+        Equal to `forward(x, state=state, impl=impl)` up to float rounding, in fewer kernels: q/k/v
+        and a/b each in one matmul with the derived weights (`inference_weights()`), gate constants
+        precomputed. With the Triton kernels (impl "triton", or "auto" on a GPU) the conv and the
+        recurrence advance `state` in place (`causal_conv1d_update_`, `gated_delta_rule_decode_`);
+        otherwise the reference ops run and their final states are copied into `state`.
+        No padding mask: every row advances. Without gradients (derived weights are detached).
+        """
+        weights = self.inference_weights()
+        batch = x.shape[0]
+        mixed = F.linear(x, weights["qkv_proj"])
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        ab = F.linear(x, weights["ab_proj"]).to(gate_dtype)
+        if self.use_decay:
+            a, b = ab.split(self.value_heads, dim=-1)
+            g = weights["neg_decay_rate"].to(gate_dtype) * F.softplus(a + weights["dt_bias"].to(gate_dtype))
+        else:
+            b = ab
+        beta = torch.sigmoid(b)
+        if self.neg_eigval:
+            beta = beta * 2.0
+        if not self.use_decay:
+            g = torch.zeros_like(beta)
+
+        if impl == "triton" or (impl == "auto" and prefers_triton(x, False)):
+            from hybridlm.ops.gated_delta_rule.triton import gated_delta_rule_decode_
+            from hybridlm.ops.triton.conv import causal_conv1d_update_
+
+            mixed = causal_conv1d_update_(mixed, weights["conv_weight"], state.conv_state)
+            q, k, v = self._split_heads(mixed)
+            out = gated_delta_rule_decode_(q, k, v, g, beta, state.recurrent_state, use_qk_l2norm=True)
+        else:
+            mixed, conv_final = causal_conv1d(
+                mixed, weights["conv_weight"], initial_state=state.conv_state, output_final_state=True
+            )
+            q, k, v = self._split_heads(mixed)
+            out, final_recurrent = gated_delta_rule(
+                q, k, v, g, beta,
+                initial_state=state.recurrent_state, output_final_state=True, use_qk_l2norm=True, impl=impl,
+            )
+            state.conv_state.copy_(conv_final)
+            state.recurrent_state.copy_(final_recurrent)
+        gate = None
+        if self.use_output_gate:
+            gate = self.g_proj(x).reshape(batch, 1, self.value_heads, self.value_head_dim)
+        out = self.o_norm(out, gate)
+        return self.o_proj(out.reshape(batch, 1, self.value_dim))
