@@ -6,22 +6,24 @@ accuracy at bf16 speed; `kernels_split`'s docstring), and the backward is split 
 accumulators fit 4 warps. The backward recomputes the forward's prepare and state passes rather
 than keeping the per-chunk states alive between forward and backward.
 
-Status: passes the float64 comparisons under TRITON_INTERPRET=1 with bf16 inputs at about the bf16
-rounding of the outputs (1.7e-3); its one H200 run (Triton 3.6) ended in an illegal memory access
-in the backward (docs/benchmarks.md), so it is a backend by name only until it runs clean there.
+Status: passes the float64 comparisons under TRITON_INTERPRET=1 and on an H200 with bf16 inputs at
+about the bf16 rounding of the outputs (1.7e-3), and is 2.4x (forward) and 1.6x (forward+backward)
+faster than the default there, but only with DISABLE_MMA_V3=1: with Triton's wgmma code generation
+(Triton 3.6) its forward state pass hits an illegal memory access (docs/benchmarks.md). So it is a
+backend by name only, and refuses to run on Hopper without that setting.
 
 Wrapped as a torch.library custom op (`hybridlm::gdn_chunk_split`) like the default path.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from hybridlm.ops.gated_delta_rule.triton import kernels_split as kernels
+from hybridlm.ops.gated_delta_rule.triton.chunk import _check_device, _flatten, _num_seqs
 from hybridlm.ops.gated_delta_rule.triton.layout import CHUNK, SequenceLayout, sequence_layout
 
 
@@ -79,18 +81,6 @@ def _block_sizes(key_dim: int, value_dim: int, programs_per_tile: int, device: t
 
 def _v_tile(option: int, value_dim: int) -> int:
     return min(option, max(16, triton.next_power_of_2(value_dim)))
-
-
-def _interpreted(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if not (x.is_cuda or _interpreted(x)):
-        raise ValueError(
-            f"the Triton gated delta rule runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
-            f"got a tensor on {x.device}. Use impl='chunk' for the PyTorch path"
-        )
 
 
 def _split_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -220,22 +210,6 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         num_warps=4,
     )
     return dq, dk, dv, dg, dbeta, dh0
-
-
-def _flatten(q, k, v, g, beta):
-    batch, seq_len = q.shape[:2]
-    ntok = batch * seq_len
-    return (
-        q.contiguous().view(ntok, *q.shape[2:]),
-        k.contiguous().view(ntok, *k.shape[2:]),
-        v.contiguous().view(ntok, *v.shape[2:]),
-        g.contiguous().view(ntok, g.shape[2]),
-        beta.contiguous().view(ntok, beta.shape[2]),
-    )
-
-
-def _num_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 @torch.library.custom_op("hybridlm::gdn_chunk_split", mutates_args=())
