@@ -23,8 +23,8 @@ import torch
 import triton
 
 from hybridlm.ops.gated_delta_rule.triton import kernels_split as kernels
-from hybridlm.ops.gated_delta_rule.triton.chunk import _check_device, _flatten, _num_seqs
-from hybridlm.ops.gated_delta_rule.triton.layout import CHUNK, SequenceLayout, sequence_layout
+from hybridlm.ops.gated_delta_rule.triton.chunk import _check_device, define_chunk_op
+from hybridlm.ops.gated_delta_rule.triton.layout import CHUNK, SequenceLayout
 
 
 @dataclass
@@ -212,104 +212,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     return dq, dk, dv, dg, dbeta, dh0
 
 
-@torch.library.custom_op("hybridlm::gdn_chunk_split", mutates_args=())
-def _gdn_chunk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    scale: float,
-    output_final_state: bool,
-    use_qk_l2norm: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, seq_len = q.shape[:2]
-    layout = sequence_layout(batch, seq_len, cu_seqlens, q.device)
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, final = _forward(*_flatten(q, k, v, g, beta), scale, h0, output_final_state, layout, use_qk_l2norm)
-    if final is None:
-        final = q.new_empty(0, dtype=torch.float32)
-    return o.view(v.shape), final
-
-
-@_gdn_chunk.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm):
-    o = v.new_empty(v.shape, dtype=q.dtype)
-    if output_final_state:
-        shape = (_num_seqs(q, cu_seqlens), v.shape[2], q.shape[3], v.shape[3])
-        return o, q.new_empty(shape, dtype=torch.float32)
-    return o, q.new_empty(0, dtype=torch.float32)
-
-
-@torch.library.custom_op("hybridlm::gdn_chunk_split_backward", mutates_args=())
-def _gdn_chunk_backward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    do: torch.Tensor,
-    dht: torch.Tensor | None,
-    scale: float,
-    use_qk_l2norm: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, seq_len = q.shape[:2]
-    layout = sequence_layout(batch, seq_len, cu_seqlens, q.device)
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    dht = None if dht is None else dht.float().contiguous()
-    dq, dk, dv, dg, dbeta, dh0 = _backward(
-        *_flatten(q, k, v, g, beta), scale, h0, layout, use_qk_l2norm, do.contiguous().view(-1, *v.shape[2:]), dht
-    )
-    if dh0 is None:
-        dh0 = q.new_empty(0, dtype=torch.float32)
-    else:
-        dh0 = dh0.to(initial_state.dtype)
-    return (
-        dq.view(q.shape).to(q.dtype),
-        dk.view(k.shape).to(k.dtype),
-        dv.view(v.shape),
-        dg.view(g.shape).to(g.dtype),
-        dbeta.view(beta.shape).to(beta.dtype),
-        dh0,
-    )
-
-
-@_gdn_chunk_backward.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm):
-    dh0 = q.new_empty(0, dtype=torch.float32) if initial_state is None else torch.empty_like(initial_state)
-    return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        torch.empty_like(g),
-        torch.empty_like(beta),
-        dh0,
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
-    ctx.scale = scale
-    ctx.use_qk_l2norm = use_qk_l2norm
-    ctx.output_final_state = output_final_state
-
-
-def _gdn_chunk_autograd(ctx, do, dht):
-    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
-    if not ctx.output_final_state:
-        dht = None
-    dq, dk, dv, dg, dbeta, dh0 = _gdn_chunk_backward(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, ctx.scale, ctx.use_qk_l2norm
-    )
-    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None
-
-
-_gdn_chunk.register_autograd(_gdn_chunk_autograd, setup_context=_setup_context)
+_gdn_chunk = define_chunk_op("gdn_chunk_split", _forward, _backward)
 
 
 def chunk_gated_delta_rule_triton_split(
