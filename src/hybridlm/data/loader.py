@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from hybridlm.data.dataset import TokenDataset, TokenSplit
+from hybridlm.models.hybrid_lm import cu_seqlens_from_doc_ids
 
 
 def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -40,23 +41,9 @@ def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return torch.cumsum(is_eos, dim=1) - is_eos
 
 
-def cu_seqlens_from_document_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """int64 [N + 1]: cumulative sequence lengths of the N documents of the flattened batch.
-
-    Every row start is a boundary too (a document cut by a window edge continues in no other row),
-    so N = sum over rows of the number of distinct documents in the row.
-
-    Args:
-        doc_ids: int [b, L], non-decreasing along each row.
-    Returns:
-        [0, end of segment 0, ..., b * L], on doc_ids' device.
-    """
-    batch, length = doc_ids.shape
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    boundaries = torch.nonzero(starts.flatten(), as_tuple=True)[0]
-    end = torch.tensor([batch * length], dtype=torch.int64, device=doc_ids.device)
-    return torch.cat([boundaries.to(torch.int64), end])
+# The model's own conversion (every row start is a boundary; [0, ..., b * L], int64, on doc_ids' device),
+# under the data package's name.
+cu_seqlens_from_document_ids = cu_seqlens_from_doc_ids
 
 
 @dataclass
