@@ -3,6 +3,7 @@ following the ladder recipe with a WSD-S schedule), their runs, and the results.
 
     hybridlm ladder plan --arch olmo3,hybrid --sizes 60M,100M,190M --multipliers 0.5,1,2,4,8 --out runs/ladder
     hybridlm ladder run runs/ladder          # or: torchrun --nproc_per_node 8 -m hybridlm ladder run runs/ladder
+    hybridlm ladder estimate runs/ladder --workers 2   # time a few steps of each run, project the wall time
     hybridlm ladder status runs/ladder
     hybridlm fit runs/ladder/results.csv --ref olmo3
 """
@@ -77,6 +78,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--progress", action="store_true", help="show a progress bar instead of log lines")
     run.set_defaults(func=run_run)
 
+    estimate = actions.add_parser(
+        "estimate",
+        help="time a few steps of every run and project the plan's wall time",
+        description="Train a copy of each run's config for a few steps (constant learning rate, in a temporary "
+        "directory), time its steps and one evaluation, and project each run's time and the wall time of "
+        "`ladder run --workers W` on this machine. Run it on an idle machine: it times one run at a time.",
+    )
+    estimate.add_argument("plan_dir", metavar="DIR", help="a plan directory (from `hybridlm ladder plan`)")
+    estimate.add_argument("--workers", type=int, default=1, help="the --workers that `ladder run` will use "
+                          "(default 1)")
+    estimate.add_argument("--threads", type=int, help="torch threads while timing (default: the cores divided among "
+                          "the workers, as `ladder run` does)")
+    estimate.add_argument("--steps", type=int, default=4, help="optimizer steps timed per run, the first left out "
+                          "(default 4)")
+    estimate.add_argument("--only", default="", help="comma-separated run names to time; default all")
+    estimate.set_defaults(func=run_estimate)
+
     status = actions.add_parser("status", help="show which runs and points of a plan are done",
                                 description="Show every run of the plan in DIR: its state and the loss after each "
                                 "decay that has been reached.")
@@ -139,6 +157,31 @@ def run_run(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.plan_dir}/{ladder.RESULTS_FILE}")
     archs = list(dict.fromkeys(status.run.arch for status in statuses))
     print(f"fit with: hybridlm fit {args.plan_dir}/{ladder.RESULTS_FILE} --ref {archs[0]}")
+    return 0
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    import os
+
+    from hybridlm.scaling import ladder
+
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    threads = args.threads
+    if threads is None and args.workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+    try:
+        estimates = ladder.estimate_ladder(args.plan_dir, only=only, steps=args.steps, threads=threads)
+    except _errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    total = sum(estimate.seconds for estimate in estimates)
+    wall = ladder.projected_wall_seconds(estimates, args.workers)
+    print(f"\n{len(estimates)} runs: {total:,.0f} s of training one after another; with {args.workers} worker(s) "
+          f"about {wall:,.0f} s ({wall / 60:.1f} min) of wall time, plus start-up and checkpoints, if the workers "
+          "run as fast side by side as alone")
     return 0
 
 

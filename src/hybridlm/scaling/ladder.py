@@ -718,6 +718,101 @@ def _train_in_processes(directory: Path, runs: Sequence[LadderRun], workers: int
                           "`hybridlm ladder run` again (finished runs are skipped, interrupted ones resume)")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Estimating a plan's time before running it
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """Measured cost of one run of a plan: seconds per optimizer step and per evaluation, on this machine.
+
+    step_seconds: median over the timed steps (the first step, which warms up, is left out); eval_seconds: one
+    evaluation of eval_sequences held-out sequences. seconds: the whole run (every step, an evaluation before and
+    after each decay), without start-up and checkpoint writing.
+    """
+
+    run: LadderRun
+    step_seconds: float
+    eval_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.run.steps * self.step_seconds + 2 * len(self.run.points) * self.eval_seconds
+
+
+def estimate_run(directory: str | Path, run: LadderRun, *, steps: int = 4) -> RunEstimate:
+    """Time `steps` optimizer steps and one evaluation of a run by training a copy of its config (same model,
+    data, batch and optimizer; constant learning rate; no checkpoints but the last) in a temporary directory.
+
+    The timing is the trainer's own per-step wall time, at the torch thread count of this process.
+    """
+    import statistics
+    import tempfile
+
+    from hybridlm.train import TrainConfig, train
+    from hybridlm.train.logging import read_metrics
+
+    if steps < 2:
+        raise LadderError(f"steps must be at least 2 to time a run (the first step warms up), got {steps}")
+    values = TrainConfig.from_yaml(Path(directory) / run.points[-1].config).to_dict()
+    values["schedule"] = {"name": "constant", "warmup_steps": 0}
+    values["trainer"].update(steps=steps, log_every=1, eval_every=0, checkpoint_every=0, keep_last=1, sample_tokens=0,
+                             tensorboard=False, wandb_project=None)
+    with tempfile.TemporaryDirectory(prefix="ladder-estimate-") as scratch:
+        train(TrainConfig.from_dict(values), scratch, progress=False, echo=lambda *args, **kwargs: None)
+        records = read_metrics(scratch)
+    by_step = {record["step"]: record for record in records if "tokens_per_s" in record}
+    if sorted(by_step) != list(range(1, steps + 1)):
+        raise LadderError(f"{run.name}: timing run logged steps {sorted(by_step)}, expected 1..{steps}")
+    step_times = [run.batch_tokens / by_step[step]["tokens_per_s"] for step in range(1, steps + 1)]
+    step_seconds = statistics.median(step_times[1:])
+    # The last step's record is written after its evaluation: its elapsed time minus the previous record's is one
+    # step plus one evaluation.
+    eval_seconds = by_step[steps]["elapsed_s"] - by_step[steps - 1]["elapsed_s"] - step_times[-1]
+    return RunEstimate(run, step_seconds, max(0.0, eval_seconds))
+
+
+def projected_wall_seconds(estimates: Sequence[RunEstimate], workers: int = 1) -> float:
+    """Wall time of training the estimated runs with `workers` processes in the order `run_ladder` uses (largest
+    6ND first, each to the first free worker)."""
+    if workers < 1:
+        raise LadderError(f"workers must be at least 1, got {workers}")
+    free_at = [0.0] * workers
+    for estimate in sorted(estimates, key=lambda e: e.run.flops, reverse=True):
+        index = free_at.index(min(free_at))
+        free_at[index] += estimate.seconds
+    return max(free_at)
+
+
+def estimate_ladder(directory: str | Path, *, only: Sequence[str] = (), steps: int = 4,
+                    threads: int | None = None, echo: Callable[[str], None] = print) -> list[RunEstimate]:
+    """estimate_run for every run of the plan in `directory` (only: just these run names), one after another.
+
+    threads: torch threads while timing; give the per-worker count that `ladder run --workers` will use (1 per
+    core), since the runs are timed alone on an otherwise idle machine.
+    """
+    import torch
+
+    plan = load_plan(directory)
+    names = [run.name for run in plan.runs]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise LadderError(f"--only {unknown}: not runs of {directory}; its runs are: {', '.join(names)}")
+    if threads is not None:
+        if threads < 1:
+            raise LadderError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    estimates = []
+    for run in plan.runs:
+        if only and run.name not in only:
+            continue
+        estimate = estimate_run(directory, run, steps=steps)
+        echo(f"{run.name}: {estimate.step_seconds:.3f} s/step, {estimate.eval_seconds:.2f} s/evaluation, "
+             f"{estimate.seconds:,.0f} s in all")
+        estimates.append(estimate)
+    return estimates
+
+
 # Trainer settings that do not change what a run computes (or only its float rounding): a run may continue with
 # other values of these.
 OPERATIONAL_TRAINER_KEYS = ("steps", "log_every", "checkpoint_every", "keep_last", "micro_batch_size", "compile",
