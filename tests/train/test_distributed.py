@@ -55,3 +55,26 @@ def test_two_processes_match_one(tiny_overrides, tmp_path):
     sharded, single = load_model_from_run_dir(double_dir), load_model_from_run_dir(single_dir)
     for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device, expected", [("auto", "cuda:1"), ("cuda", "cuda:1"), ("cuda:0", "cuda:0")])
+def test_single_process_cuda_device_gets_an_index(monkeypatch, device, expected):
+    """Without torchrun, 'auto' / 'cuda' on a GPU machine resolve to the current device with its index
+    (torch.cuda.set_device refuses a plain 'cuda'; this crashed every single-GPU `hybridlm train`).
+    CUDA is mocked: the test checks the device choice, not a GPU."""
+    from hybridlm.train import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    chosen = []
+
+    def set_device(device):
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer")
+        chosen.append(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    env = distributed.init_distributed(device)
+    assert str(env.device) == expected and chosen == [env.device] and not env.is_distributed

@@ -43,6 +43,8 @@ def init_distributed(device: str = "auto") -> DistributedEnv:
     if not launched_by_torchrun():
         chosen = torch.device("cuda" if device == "auto" and use_cuda else ("cpu" if device == "auto" else device))
         if chosen.type == "cuda":
+            if chosen.index is None:  # plain "cuda": the current device (set_device needs an index)
+                chosen = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(chosen)
         return DistributedEnv(rank=0, world_size=1, local_rank=0, device=chosen, is_distributed=False)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
