@@ -4,6 +4,8 @@ lm_eval.simple_evaluate end to end on tasks defined in local YAML over a local J
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,3 +180,42 @@ def test_bad_input(tmp_path, hf_checkpoint, harness_model):
     request = Instance("generate_until", {}, ("def", {"until": ["\n"], "num_beams": 4}), 0)
     with pytest.raises(ValueError, match="unsupported generation settings \\['num_beams'\\]"):
         harness_model.generate_until([request])
+
+
+def _python_with_site(site_dir, code: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter that processes site_dir's .pth files (as site-packages would) and runs code."""
+    prelude = f"import site, sys; site.addsitedir({str(site_dir)!r}); "
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=600)
+
+
+def test_plugin_registers_the_model_lazily_for_plain_lm_eval(tmp_path):
+    """After `hybridlm eval plugin install`, a fresh interpreter knows model `hybridlm` in lm-eval's registry,
+    and start-up imports neither hybridlm nor torch; `remove` takes it away again."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    assert main(["eval", "plugin", "install", "--site-dir", str(site_dir)]) == 0
+    assert (site_dir / "hybridlm-lm-eval.pth").exists()
+    probe = (
+        "assert 'hybridlm' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules); "
+        "from lm_eval.api.registry import get_model; print(get_model('hybridlm').__module__)"
+    )
+    done = _python_with_site(site_dir, probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "hybridlm.evaluate.harness"
+    assert main(["eval", "plugin", "remove", "--site-dir", str(site_dir)]) == 0
+    done = _python_with_site(site_dir, "from lm_eval.api.registry import get_model; get_model('hybridlm')")
+    assert done.returncode != 0 and "hybridlm" in done.stderr
+
+
+def test_plain_lm_eval_command_line_runs_hybridlm(tmp_path, task_dir, hf_checkpoint):
+    """`lm_eval --model hybridlm ...` (lm-eval's own entry point, not ours) with the plugin installed."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    assert main(["eval", "plugin", "install", "--site-dir", str(site_dir)]) == 0
+    out = tmp_path / "out"
+    argv = ["lm_eval", "--model", "hybridlm", "--model_args", f"pretrained={hf_checkpoint}", "--tasks", "hybridlm_mc",
+            "--include_path", str(task_dir), "--batch_size", "2", "--output_path", str(out)]
+    done = _python_with_site(site_dir, f"sys.argv = {argv!r}; from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = list(out.rglob("results_*.json"))
+    assert len(written) == 1 and "hybridlm_mc" in json.loads(written[0].read_text())["results"]

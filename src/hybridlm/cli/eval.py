@@ -1,8 +1,9 @@
-"""`hybridlm eval loss|ruler|harness`: held-out loss, the RULER-style suite, lm-evaluation-harness.
+"""`hybridlm eval loss|ruler|harness|plugin`: held-out loss, the RULER-style suite, lm-evaluation-harness.
 
     hybridlm eval loss CKPT [CKPT ...] --data DIR --seq-len 4096       loss, bits per byte, loss by position
     hybridlm eval ruler CKPT [CKPT ...] --lengths 4096,8192 --tasks all RULER-style scores, table and plot
     hybridlm eval harness --model_args pretrained=DIR --tasks ...      lm-eval's CLI with model `hybridlm`
+    hybridlm eval plugin install|remove                                lets plain `lm_eval --model hybridlm` work
 
 CKPT is a Hugging Face checkpoint directory or a training run directory. Several checkpoints are
 compared in one table and one plot. Every input is checked (paths, weights, task names, lengths
@@ -81,6 +82,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     harness.add_argument("harness_args", nargs=argparse.REMAINDER, help="arguments for lm-eval")
     harness.set_defaults(func=run_harness)
+
+    plugin = commands.add_parser(
+        "plugin",
+        help="install (or remove) a start-up hook so that plain `lm_eval --model hybridlm ...` works",
+        description="lm-eval 0.4 has no model plugin discovery. `install` writes hybridlm-lm-eval.pth into this "
+        "environment's site-packages: at Python start-up it registers the `hybridlm` model lazily in lm-eval's "
+        "registry (nothing heavy is imported until the model is used). `remove` deletes it.",
+    )
+    plugin.add_argument("action", choices=["install", "remove"])
+    plugin.add_argument("--site-dir", type=Path, default=None,
+                        help="the site-packages directory (default: this environment's)")
+    plugin.set_defaults(func=run_plugin)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,3 +287,19 @@ def run_harness(args: argparse.Namespace) -> int:
     except ImportError as error:
         return _fail(ImportError(f"lm-evaluation-harness is not installed ({error}); pip install lm-eval"))
     return main(args.harness_args)
+
+
+def run_plugin(args: argparse.Namespace) -> int:
+    from hybridlm.evaluate import lm_eval_plugin
+
+    try:
+        if args.action == "install":
+            path = lm_eval_plugin.install_pth(args.site_dir)
+            print(f"wrote {path}; `lm_eval --model hybridlm --model_args pretrained=DIR --tasks ...` now works "
+                  f"in this environment (`hybridlm eval plugin remove` undoes it)")
+        else:
+            path = lm_eval_plugin.remove_pth(args.site_dir)
+            print(f"removed {path}" if path else "nothing to remove: the plugin file was not installed there")
+    except OSError as error:
+        return _fail(error)
+    return 0
