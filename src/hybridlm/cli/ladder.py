@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="plan, run and check scaling ladders (WSD-S, one run per size; results.csv for `hybridlm fit`)",
         description="Scaling ladders following the Olmo Hybrid recipe: tokens = multiplier x 20 x N, batch = "
         "round(2048 * 160 * (N/108M)^(2/3)) tokens, lr = 0.0047 (N/108M)^(-1/3) / 2, beta2 0.95 for batches of "
-        ">= 524,288 tokens else 0.99, warmup N tokens, WSD-S with a 10%% decay at the end of each period. N is the "
+        ">= 524,288 tokens else 0.99, warmup N tokens, WSD-S with a 10% decay at the end of each period. N is the "
         "non-embedding parameter count (LM head included) of the actual architecture.",
     )
     actions = parser.add_subparsers(dest="ladder_action", metavar="ACTION")
