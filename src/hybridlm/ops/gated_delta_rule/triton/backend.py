@@ -27,19 +27,15 @@ RECURRENT_MAX_TOKENS = 16
 _FLA_BAD_TRITON = ((3, 4, 0), (3, 7, 1))
 
 
-def triton_gated_delta_rule(
-    q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None, use_qk_l2norm=True
-):
-    """Backend "triton": the chunked kernels, or the token loop for short inputs without gradients."""
-    from hybridlm.ops.gated_delta_rule.triton.chunk import (
-        chunk_gated_delta_rule_triton,
-        recurrent_gated_delta_rule_triton,
-    )
+def _chunk_or_token_loop(chunked, q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens,
+                         use_qk_l2norm):
+    """The chunked kernels `chunked`, or the Triton token loop for short inputs without gradients."""
+    from hybridlm.ops.gated_delta_rule.triton.chunk import recurrent_gated_delta_rule_triton
 
     tensors = (q, k, v, g, beta, initial_state)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
     short = cu_seqlens is None and q.shape[1] <= RECURRENT_MAX_TOKENS
-    fn = recurrent_gated_delta_rule_triton if short and not needs_grad else chunk_gated_delta_rule_triton
+    fn = recurrent_gated_delta_rule_triton if short and not needs_grad else chunked
     return fn(
         q, k, v, g, beta,
         scale=scale,
@@ -47,6 +43,18 @@ def triton_gated_delta_rule(
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         use_qk_l2norm=use_qk_l2norm,
+    )
+
+
+def triton_gated_delta_rule(
+    q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None, use_qk_l2norm=True
+):
+    """Backend "triton": the chunked kernels, or the token loop for short inputs without gradients."""
+    from hybridlm.ops.gated_delta_rule.triton.chunk import chunk_gated_delta_rule_triton
+
+    return _chunk_or_token_loop(
+        chunk_gated_delta_rule_triton, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
     )
 
 
@@ -55,21 +63,12 @@ def triton_split_gated_delta_rule(
 ):
     """Backend "triton-split": the split-bf16 chunked kernels (the token loop for short inputs
     without gradients, as "triton")."""
-    from hybridlm.ops.gated_delta_rule.triton.chunk import recurrent_gated_delta_rule_triton
     from hybridlm.ops.gated_delta_rule.triton.chunk_split import chunk_gated_delta_rule_triton_split
 
     check_split_supported(q)
-    tensors = (q, k, v, g, beta, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
-    short = cu_seqlens is None and q.shape[1] <= RECURRENT_MAX_TOKENS
-    fn = recurrent_gated_delta_rule_triton if short and not needs_grad else chunk_gated_delta_rule_triton_split
-    return fn(
-        q, k, v, g, beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        use_qk_l2norm=use_qk_l2norm,
+    return _chunk_or_token_loop(
+        chunk_gated_delta_rule_triton_split, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
     )
 
 
