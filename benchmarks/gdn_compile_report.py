@@ -75,21 +75,21 @@ def split_kernels(block_k: int) -> list[tuple]:
                     u=f32, kscale=f32, qscale=f32 if backward else None, t_hi=half if backward else None,
                     t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
-    for block_v in (32, 64):
+    for block_v in (16, 64):
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
                     d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v)
-        runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, 1))
+        runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, 2))
         args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw, dvl=f32,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
                     STORE_DH0=False, BV=block_v)
-        runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, 1))
+        runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, 2))
     args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=32)
     runs.append(("output", k._output_kernel, args, 4, 2))
     args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, t_hi=half, t_lo=half, d_hi=half, d_lo=half, dd_hi=half,
-                dd_lo=half, do=raw, scratch=f32, dv=raw, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=16)
-    runs.append(("gradients within the chunk", k._grad_local_kernel, args, 4, 1))
-    args = dict(common, q=raw, k=raw, g=f32, beta=f32, t_hi=half, t_lo=half, s_hi=half, s_lo=half, ds_hi=half,
-                ds_lo=half, d_hi=half, d_lo=half, dd_hi=half, dd_lo=half, do=raw, dq_part=f32, dk_part=f32,
+                dd_lo=half, do=raw, scratch=f32, dv=raw, dvb_out=f32, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=32)
+    runs.append(("gradients within the chunk", k._grad_local_kernel, args, 4, 2))
+    args = dict(common, q=raw, k=raw, g=f32, beta=f32, s_hi=half, s_lo=half, ds_hi=half,
+                ds_lo=half, d_hi=half, d_lo=half, dvb_in=f32, do=raw, dq_part=f32, dk_part=f32,
                 dbeta_part=f32, dgam_part=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32, BV=16)
     runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 1))
     args = dict(q=raw, k=raw, dq_hat=f32, dk_hat=f32, dq=raw, dk=raw, NTOK="i32", H="i32", HV="i32", K="i32",

@@ -11,8 +11,8 @@ decode step), the fused short conv + SiLU and the fused gated RMSNorm.
    (decays down to exp(-30) and exactly 1) and a 64K-token sequence. Relative error
    ||x - ref|| / ||ref|| of o, the final state and every gradient; the issue's bar is 5e-3.
 2. Timings (triton.testing.do_bench, median; inputs are several times the 60 MB L2): forward and
-   forward+backward at the issue's shapes of the chunked implementations ("triton", the default
-   on GPUs, and "triton-split", the split-bf16 kernels), fla's chunk_gated_delta_rule (forward)
+   forward+backward at the issue's shapes of the chunked implementations ("triton-split", the
+   split-bf16 kernels and the default on GPUs, and "triton", the first tf32 kernels), fla's chunk_gated_delta_rule (forward)
    and PyTorch's flash SDPA causal attention with the same B, T, heads and head dim 128. --sweep
    times launch settings of "triton-split" (`SPLIT_OPTIONS`) at the first shape, each checked
    against the default settings' output and gradients.
@@ -48,21 +48,23 @@ from hybridlm.ops.gated_delta_rule.triton import (
     gated_delta_rule_decode_,
 )
 
-# The chunked implementations (backend names): "triton" is auto's choice on CUDA, "triton-split"
-# the split-bf16 kernels (triton/chunk_split.py), whose launch settings SWEEP varies.
-IMPLS = {"triton": chunk_gated_delta_rule_triton, "triton-split": chunk_gated_delta_rule_triton_split}
+# The chunked implementations (backend names): "triton-split" (the split-bf16 kernels,
+# triton/chunk_split.py, whose launch settings SWEEP varies) is auto's choice on CUDA, "triton" the
+# first (tf32) kernels.
+IMPLS = {"triton-split": chunk_gated_delta_rule_triton_split, "triton": chunk_gated_delta_rule_triton}
 
-# Launch settings timed with --sweep at the first shape (the sequential kernels' V tile and
-# pipelining depth, the parallel kernels' V tiles and warps).
+# Launch settings timed with --sweep at the first shape (the sequential kernels' V tiles and
+# pipelining depth, the parallel kernels' V tiles).
 SWEEP = [
-    dict(state_block_v=64, stages_state=2),
-    dict(state_block_v=64, stages_state=1),
-    dict(output_block_v=64, stages_output=1),
+    dict(state_fwd_block_v=16),
+    dict(state_fwd_block_v=64),
+    dict(state_bwd_block_v=32),
+    dict(stages_state=3),
+    dict(output_block_v=64),
     dict(prepare_block_v=32),
-    dict(grad_block_v=32),
-    # Last: 8 warps once made the earlier version's state kernel fault, which ends the CUDA context.
-    dict(state_block_v=64, stages_state=2, warps_state=8),
-    dict(state_block_v=64, stages_state=1, warps_state=8),
+    dict(grad_local_block_v=64, stages_grad_local=1),
+    dict(stages_grad_state=1),
+    dict(grad_state_block_v=32, stages_grad_state=2),
 ]
 _DEFAULTS = dict(SPLIT_OPTIONS.__dict__)
 ISSUE_SHAPES = [(1, 8192, 30, 96, 192), (4, 4096, 16, 96, 192), (8, 2048, 16, 128, 128)]
@@ -315,14 +317,14 @@ def _fla_version() -> str:
 
 
 def profile_kernels(batch, seq_len, heads, key_dim, value_dim) -> list[dict]:
-    """GPU time per kernel of one forward+backward of the last of --impls (torch.profiler, mean of
+    """GPU time per kernel of one forward+backward of the first of --impls (torch.profiler, mean of
     3 runs after a warm-up)."""
     q, k, v, g, beta = make_inputs(batch, seq_len, heads, key_dim, value_dim)
     leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
     do = torch.randn_like(v)
 
     def step():
-        return torch.autograd.grad(IMPLS[RUN_IMPLS[-1]](q, k, v, g, beta)[0], leaves, do)
+        return torch.autograd.grad(IMPLS[RUN_IMPLS[0]](q, k, v, g, beta)[0], leaves, do)
 
     step()
     torch.cuda.synchronize()

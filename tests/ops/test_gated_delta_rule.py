@@ -411,3 +411,18 @@ def test_bad_cu_seqlens_raise(cu_seqlens):
         gated_delta_rule(
             q, k, v, g, beta, cu_seqlens=torch.tensor([0, 4, 10]), initial_state=torch.zeros(1, 1, 4, 4)
         )
+
+
+def test_auto_prefers_split_triton_kernels_for_gpu_tensors(monkeypatch):
+    # "triton-split" is auto's first choice for CUDA tensors (a CPU tensor posing as one here); the
+    # tf32 "triton" kernels and fla are chosen by name only.
+    from hybridlm.ops.gated_delta_rule.triton import backend
+
+    monkeypatch.setattr(backend, "TRITON_AVAILABLE", True)
+    ordered = sorted(dispatch._BACKENDS.values(), key=lambda b: -b.priority)
+    q = torch.zeros(1, 64, 1, 4)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    wanted = [b.name for b in ordered if b.prefers(q, True)]
+    assert wanted[0] == "triton-split"
+    assert "triton" not in wanted and "fla" not in wanted
+    assert not backend.prefers_triton(q.double(), True)  # float64 stays on the PyTorch paths

@@ -166,3 +166,23 @@ def test_custom_op_registration():
         op, (q, k, v, g, beta, h0, None, 0.25, True, True),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+def test_split_launch_settings(monkeypatch):
+    """The sequential kernels get two pipelining stages whenever Triton emits wgmma (one stage
+    miscompiles there), and the smallest V tile whose programs all fit on the GPU at once."""
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "stages_state", 1)
+    monkeypatch.setattr(chunk_split, "uses_wgmma", lambda device: True)
+    assert chunk_split._state_stages(cpu) == 2
+    monkeypatch.setattr(chunk_split, "uses_wgmma", lambda device: False)
+    assert chunk_split._state_stages(cpu) == 1
+    # 132 SMs off the GPU; forward programs at V tile 16 fit two per SM, everything else one.
+    assert chunk_split._state_block_v(192, 30, cpu, backward=False) == 64  # 7B layer: 360 > 264, 180 > 132
+    assert chunk_split._state_block_v(192, 8, cpu, backward=False) == 16  # 96 programs
+    assert chunk_split._state_block_v(128, 32, cpu, backward=True) == 32  # 256 > 132, 128 <= 132
+    assert chunk_split._state_block_v(32, 1000, cpu, backward=True) == 32  # never above V
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "state_bwd_block_v", 16)
+    assert chunk_split._state_block_v(128, 32, cpu, backward=True) == 16

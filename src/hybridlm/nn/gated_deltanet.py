@@ -234,7 +234,7 @@ class GatedDeltaNet(HasInferenceWeights, nn.Module):
 
         Equal to `forward(x, state=state, impl=impl)` up to float rounding, in fewer kernels: q/k/v
         and a/b each in one matmul with the derived weights (`inference_weights()`), gate constants
-        precomputed. With the Triton kernels (impl "triton", or "auto" on a GPU) the conv and the
+        precomputed. With the Triton kernels (impl "triton-split" or "triton", or "auto" on a GPU) the conv and the
         recurrence advance `state` in place (`causal_conv1d_update_`, `gated_delta_rule_decode_`);
         otherwise the reference ops run and their final states are copied into `state`.
         No padding mask: every row advances. Without gradients (derived weights are detached).
@@ -255,7 +255,7 @@ class GatedDeltaNet(HasInferenceWeights, nn.Module):
         if not self.use_decay:
             g = torch.zeros_like(beta)
 
-        if impl == "triton" or (impl == "auto" and prefers_triton(x, False)):
+        if impl in ("triton", "triton-split") or (impl == "auto" and prefers_triton(x, False)):
             from hybridlm.ops.gated_delta_rule.triton import gated_delta_rule_decode_
             from hybridlm.ops.triton.conv import causal_conv1d_update_
 

@@ -1,11 +1,12 @@
 """Triton kernels for the gated delta rule on GPUs (Hopper first; any GPU Triton supports).
 
-- `chunk_gated_delta_rule_triton`: chunked forward and backward (training, prefill).
-- `chunk_gated_delta_rule_triton_split`: the same with split-bf16 matmuls (backend "triton-split",
-  by name only: on Hopper it needs DISABLE_MMA_V3=1; `chunk_split.py`).
+- `chunk_gated_delta_rule_triton_split`: chunked forward and backward (training, prefill) with
+  split-bf16 matmuls (backend "triton-split", auto's choice on GPUs; `chunk_split.py`).
+- `chunk_gated_delta_rule_triton`: the first chunked kernels, tf32 matmuls (backend "triton", by
+  name only; `chunk.py`).
 - `recurrent_gated_delta_rule_triton`: token-by-token forward (decoding, short prompts).
 - `gated_delta_rule_decode_`: one decoding step that advances a state tensor in place.
-- `backend`: the dispatcher's GPU backends ("triton", "triton-split", "fla"); importing it does not
+- `backend`: the dispatcher's GPU backends ("triton-split", "triton", "fla"); importing it does not
   import Triton.
 
 The kernels run on CUDA tensors, or on CPU under `TRITON_INTERPRET=1` (how CI tests them).

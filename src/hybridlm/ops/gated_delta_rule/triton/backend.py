@@ -1,18 +1,19 @@
-"""The GPU backends of `gated_delta_rule`: our Triton kernels ("triton", "triton-split") and fla ("fla").
+"""The GPU backends of `gated_delta_rule`: our Triton kernels ("triton-split", "triton") and fla ("fla").
 
-`register_gpu_backends(register_backend)` adds them to the dispatcher. "triton" has the highest
-priority and is preferred for every CUDA tensor (but float64) when Triton is installed, so
-`impl="auto"` picks it on GPUs. "triton-split" (split-bf16 matmuls, `triton/chunk_split.py`) is used
-only when asked for by name, and on Hopper only with DISABLE_MMA_V3=1 (see `check_split_supported`). "fla" is
-used only when asked for by name, and only where its version is known to give correct gradients. `note_backend_choice` logs the choice once and warns
-when a CUDA call ends up on a PyTorch path. Importing this module imports neither Triton nor fla.
+`register_gpu_backends(register_backend)` adds them to the dispatcher. "triton-split" (split-bf16
+matmuls, `triton/chunk_split.py`) has the highest priority and is preferred for every CUDA tensor
+(but float64) when Triton is installed, so `impl="auto"` picks it on GPUs: it is both the fastest and
+the most accurate of our kernels (docs/benchmarks.md). "triton" (the first kernels, tf32 matmuls,
+`triton/chunk.py`) is used only when asked for by name. "fla" is used only when asked for by name, and
+only where its version is known to give correct gradients. `note_backend_choice` logs the choice
+once and warns when a CUDA call ends up on a PyTorch path. Importing this module imports neither
+Triton nor fla.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import warnings
 
 import torch
@@ -49,7 +50,7 @@ def _chunk_or_token_loop(chunked, q, k, v, g, beta, *, scale, initial_state, out
 def triton_gated_delta_rule(
     q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None, use_qk_l2norm=True
 ):
-    """Backend "triton": the chunked kernels, or the token loop for short inputs without gradients."""
+    """Backend "triton": the tf32 chunked kernels, or the token loop for short inputs without gradients."""
     from hybridlm.ops.gated_delta_rule.triton.chunk import chunk_gated_delta_rule_triton
 
     return _chunk_or_token_loop(
@@ -61,27 +62,14 @@ def triton_gated_delta_rule(
 def triton_split_gated_delta_rule(
     q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None, use_qk_l2norm=True
 ):
-    """Backend "triton-split": the split-bf16 chunked kernels (the token loop for short inputs
-    without gradients, as "triton")."""
+    """Backend "triton-split" (auto's choice on CUDA): the split-bf16 chunked kernels, or the token
+    loop for short inputs without gradients."""
     from hybridlm.ops.gated_delta_rule.triton.chunk_split import chunk_gated_delta_rule_triton_split
 
-    check_split_supported(q)
     return _chunk_or_token_loop(
         chunk_gated_delta_rule_triton_split, q, k, v, g, beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
     )
-
-
-def check_split_supported(q: torch.Tensor) -> None:
-    """"triton-split" faults (illegal memory access, which ends the CUDA context) on Hopper and newer
-    with Triton's wgmma code generation (measured on an H200 with Triton 3.6, docs/benchmarks.md);
-    it runs correctly with DISABLE_MMA_V3=1. Refuse up front rather than fault."""
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and os.environ.get("DISABLE_MMA_V3") != "1":
-        raise RuntimeError(
-            "gdn impl 'triton-split' needs DISABLE_MMA_V3=1 in the environment on Hopper GPUs (without it its "
-            "kernels hit an illegal memory access with Triton's wgmma code generation); set it before starting "
-            "Python, or use impl='triton' (the default on GPUs)"
-        )
 
 
 def prefers_triton(q: torch.Tensor, needs_grad: bool) -> bool:
@@ -110,7 +98,7 @@ def fla_problem(q: torch.Tensor, needs_grad: bool) -> str | None:
     if needs_grad and major == 9 and low <= _version_tuple(triton.__version__) < high:
         return (
             f"fla's chunked backward gives wrong gradients on Hopper with Triton {triton.__version__} "
-            f"(bad range [3.4.0, 3.7.1), fla issue #640); use impl='triton' or upgrade Triton to >= 3.7.1"
+            f"(bad range [3.4.0, 3.7.1), fla issue #640); use impl='auto' (our kernels) or upgrade Triton to >= 3.7.1"
         )
     return None
 
@@ -156,14 +144,14 @@ def note_backend_choice(name: str, q: torch.Tensor) -> None:
         why = "Triton is not installed (pip install triton)" if not TRITON_AVAILABLE else f"impl={name!r} was asked for"
         warnings.warn(
             f"gated_delta_rule is running its PyTorch {name!r} path on a CUDA tensor ({why}); this is several "
-            f"times slower than the Triton kernels (impl='triton' or 'auto')",
+            f"times slower than the Triton kernels (impl='auto')",
             RuntimeWarning,
             stacklevel=3,
         )
 
 
 def register_gpu_backends(register_backend) -> None:
-    """Add "triton" (auto's choice on CUDA), "triton-split" and "fla" (by name only) to the dispatcher."""
-    register_backend("triton", triton_gated_delta_rule, priority=20, prefers=prefers_triton)
-    register_backend("triton-split", triton_split_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)
+    """Add "triton-split" (auto's choice on CUDA), "triton" and "fla" (by name only) to the dispatcher."""
+    register_backend("triton-split", triton_split_gated_delta_rule, priority=20, prefers=prefers_triton)
+    register_backend("triton", triton_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)
     register_backend("fla", fla_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)

@@ -6,17 +6,17 @@ accuracy at bf16 speed; `kernels_split`'s docstring), and the backward is split 
 accumulators fit 4 warps. The backward recomputes the forward's prepare and state passes rather
 than keeping the per-chunk states alive between forward and backward.
 
-Status: passes the float64 comparisons under TRITON_INTERPRET=1 and on an H200 with bf16 inputs at
-about the bf16 rounding of the outputs (1.7e-3), and is 2.4x (forward) and 1.6x (forward+backward)
-faster than the default there, but only with DISABLE_MMA_V3=1: with Triton's wgmma code generation
-(Triton 3.6) its forward state pass hits an illegal memory access (docs/benchmarks.md). So it is a
-backend by name only, and refuses to run on Hopper without that setting.
+Status: the default GPU backend ("triton-split", auto's choice on CUDA). Passes the float64
+comparisons under TRITON_INTERPRET=1 and on an H200 with bf16 inputs at about the bf16 rounding of
+the outputs (1.7e-3), with Triton's wgmma code generation at the launch settings below (the
+sequential kernels need two pipelining stages there; `KernelOptions`) and with DISABLE_MMA_V3=1.
 
 Wrapped as a torch.library custom op (`hybridlm::gdn_chunk_split`) like the default path.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,14 +31,22 @@ from hybridlm.ops.gated_delta_rule.triton.layout import CHUNK, SequenceLayout
 class KernelOptions:
     """Launch settings (module-wide; benchmarks may change them, models should not).
 
-    state_block_v: V tile of the two sequential kernels (0: chosen from the number of programs).
-    *_block_v: V tile of the loops in the parallel kernels. warps_*: warps per program (4 for the
-    kernels whose matmuls have 64 rows: with 8, Triton gives chained 64-row matmuls all 8 warps
-    along the rows, which duplicates their accumulators). stages_*: software-pipelining depth.
+    state_fwd_block_v / state_bwd_block_v: V tile of the two sequential kernels (0: chosen from the
+    number of programs, `_state_block_v`). *_block_v: V tile of the loops in the parallel kernels.
+    warps_*: warps per program (4 for the kernels whose matmuls have 64 rows: with 8, Triton gives
+    chained 64-row matmuls all 8 warps along the rows, which duplicates their accumulators).
+    stages_*: software-pipelining depth. The defaults are the fastest settings measured on an H200
+    at (1, 8192, 30, 96, 192) (docs/benchmarks.md).
+
+    stages_state must be >= 2 with wgmma (Hopper): Triton 3.6 builds the sequential kernels at one
+    stage so that they read shared memory out of bounds (V tile 16: illegal memory access, caught
+    by compute-sanitizer in `_state_fwd_kernel`'s first matmul) or compute wrong states without a
+    fault (V tile 32); `_state_stages` enforces it.
     """
 
-    state_block_v: int = 0
-    stages_state: int = 1
+    state_fwd_block_v: int = 0
+    state_bwd_block_v: int = 0
+    stages_state: int = 2
     warps_state: int = 4
     prepare_block_v: int = 64
     stages_prepare: int = 2
@@ -46,37 +54,54 @@ class KernelOptions:
     output_block_v: int = 32
     stages_output: int = 2
     warps_output: int = 4
-    grad_block_v: int = 16
-    stages_grad: int = 1
+    grad_local_block_v: int = 32
+    stages_grad_local: int = 2
+    grad_state_block_v: int = 16
+    stages_grad_state: int = 2
     warps_grad: int = 4
 
 
 SPLIT_OPTIONS = KernelOptions()
 
 
-def _resident_programs(device: torch.device) -> int:
-    """Programs of the sequential kernels that run at once: two per SM (shared memory and registers
-    allow two at the default settings)."""
-    if device.type != "cuda":
-        return 264
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+def uses_wgmma(device: torch.device) -> bool:
+    """Whether Triton compiles our matmuls to wgmma here (Hopper and newer, unless DISABLE_MMA_V3=1)."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and os.environ.get("DISABLE_MMA_V3") != "1")
 
 
-def _block_sizes(key_dim: int, value_dim: int, programs_per_tile: int, device: torch.device) -> tuple[int, int]:
-    """(K tile, V tile of the sequential kernels). The sequential kernels run one program per
-    (sequence, value head, V tile) through all the chunks: the V tile is the smallest that keeps
-    all programs resident at once (more, smaller programs hide more latency; a second wave would
-    double the time)."""
+def _state_stages(device: torch.device) -> int:
+    """Pipelining depth of the sequential kernels: at least 2 where wgmma is used (KernelOptions)."""
+    stages = SPLIT_OPTIONS.stages_state
+    return max(stages, 2) if uses_wgmma(device) else stages
+
+
+# Programs of each sequential kernel one SM holds at stages_state = 2 (shared memory: the forward
+# pass at V tile 16 takes 110 KB, every other one 124-193 KB; benchmarks/gdn_compile_report.py).
+def _per_sm(backward: bool, block_v: int) -> int:
+    return 2 if not backward and block_v == 16 else 1
+
+
+def _block_k(key_dim: int) -> int:
     block_k = max(16, triton.next_power_of_2(key_dim))
     if block_k > 256:
         raise ValueError(f"the Triton gated delta rule supports key head dims up to 256; got K={key_dim}")
-    state_v = SPLIT_OPTIONS.state_block_v
-    if state_v == 0:
-        state_v = min(64, max(16, triton.next_power_of_2(value_dim)))
-        resident = _resident_programs(device)
-        while state_v > 16 and programs_per_tile * triton.cdiv(value_dim, state_v // 2) <= resident:
-            state_v //= 2
-    return block_k, state_v
+    return block_k
+
+
+def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device, backward: bool) -> int:
+    """V tile of a sequential kernel, which runs one program per (sequence, value head, V tile)
+    through all the chunks: the smallest tile (more, shorter programs hide more latency) whose
+    programs all run at once, else the largest (fewest waves)."""
+    option = SPLIT_OPTIONS.state_bwd_block_v if backward else SPLIT_OPTIONS.state_fwd_block_v
+    if option:
+        return option
+    largest = min(64, max(16, triton.next_power_of_2(value_dim)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    block_v = 16
+    while block_v < largest and programs_per_tile * triton.cdiv(value_dim, block_v) > sms * _per_sm(backward, block_v):
+        block_v *= 2
+    return block_v
 
 
 def _v_tile(option: int, value_dim: int) -> int:
@@ -111,12 +136,13 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
     return w, u, kscale, qscale, tmat, dvl
 
 
-def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_v):
+def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k):
     """Chunk-entry states [2, NCHUNK, HV, K, V] and Delta [2, NTOK, HV, V] (split), final state."""
     ntok, value_heads, key_dim = w.shape[1:]
     value_dim = u.shape[2]
     states = _split_buffer(w, layout.num_slots, value_heads, key_dim, value_dim)  # num_slots >= chunks
     vnew = _split_buffer(w, ntok, value_heads, value_dim)
+    state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, k.device, backward=False)
     final = None
     if output_final_state:
         final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
@@ -126,7 +152,7 @@ def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout
         k.shape[1], value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state,
-        num_warps=SPLIT_OPTIONS.warps_state, num_stages=SPLIT_OPTIONS.stages_state,
+        num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
     return states, vnew, final
 
@@ -135,9 +161,9 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout:
     """Flattened inputs [NTOK, H, K], [NTOK, HV, V], [NTOK, HV] -> (o [NTOK, HV, V], final or None)."""
     heads, key_dim = q.shape[1], q.shape[2]
     value_heads, value_dim = v.shape[1], v.shape[2]
-    block_k, state_v = _block_sizes(key_dim, value_dim, layout.num_seqs * value_heads, q.device)
+    block_k = _block_k(key_dim)
     w, u, kscale, _, _, _ = _prepare(q, k, v, g, beta, None, scale, layout, norm, block_k)
-    states, vnew, final = _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_v)
+    states, vnew, final = _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k)
     del w, u, kscale
     o = torch.empty_like(v, dtype=q.dtype)
     kernels._output_kernel[(layout.num_slots, value_heads)](
@@ -154,9 +180,10 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     """Gradients (dq, dk, dv in the inputs' dtypes; dg, dbeta float32; dh0 float32 or None)."""
     ntok, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[1], v.shape[2]
-    block_k, state_v = _block_sizes(key_dim, value_dim, layout.num_seqs * value_heads, q.device)
+    block_k = _block_k(key_dim)
     w, u, kscale, qscale, tmat, dvl = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
-    states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k, state_v)
+    states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k)
+    state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, q.device, backward=True)
     del u
     dstates = torch.empty_like(states)
     dvnew = torch.empty_like(vnew)
@@ -169,7 +196,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         heads, value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        num_warps=SPLIT_OPTIONS.warps_state, num_stages=SPLIT_OPTIONS.stages_state,
+        num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
     )
     del w, kscale, qscale, dvl
     grid = (layout.num_slots, value_heads)
@@ -178,29 +205,29 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     dbeta = q.new_empty(ntok, value_heads, dtype=torch.float32)
     dg = torch.empty_like(dbeta)
     dv = torch.empty_like(v)
-    grad_v = _v_tile(SPLIT_OPTIONS.grad_block_v, value_dim)
     scratch = q.new_empty(layout.num_slots, value_heads, CHUNK, CHUNK, dtype=torch.float32)
+    dvb = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)  # T^T dDelta
     # The parts go to dq_hat, dk_hat, dbeta and dg; _grad_state_kernel adds to them in place
     # (each program reads its tiles before writing them).
     kernels._grad_local_kernel[grid](
         q, k, v, g, beta, tmat[0], tmat[1], vnew[0], vnew[1], dvnew[0], dvnew[1], do, scratch,
-        dv, dq_hat, dk_hat, dbeta, dg,
+        dv, dvb, dq_hat, dk_hat, dbeta, dg,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
         scale, heads, value_heads, key_dim, value_dim,
-        BT=CHUNK, BK=block_k, BV=grad_v, NORM=norm,
-        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad,
+        BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_local_block_v, value_dim), NORM=norm,
+        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad_local,
     )
-    del scratch
+    del scratch, tmat, dvnew
     kernels._grad_state_kernel[grid](
-        q, k, g, beta, tmat[0], tmat[1], states[0], states[1], dstates[0], dstates[1],
-        vnew[0], vnew[1], dvnew[0], dvnew[1], do, dq_hat, dk_hat, dbeta, dg,
+        q, k, g, beta, states[0], states[1], dstates[0], dstates[1],
+        vnew[0], vnew[1], dvb, do, dq_hat, dk_hat, dbeta, dg,
         dq_hat, dk_hat, dbeta, dg,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
         scale, heads, value_heads, key_dim, value_dim,
-        BT=CHUNK, BK=block_k, BV=grad_v, NORM=norm,
-        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad,
+        BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_state_block_v, value_dim), NORM=norm,
+        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad_state,
     )
-    del states, dstates
+    del states, dstates, vnew, dvb
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     kernels._qk_norm_bwd_kernel[(triton.cdiv(ntok, CHUNK), heads)](

@@ -433,7 +433,7 @@ def _state_bwd_kernel(
 @triton.jit
 def _grad_local_kernel(
     q, k, v, g, beta, t_hi, t_lo, d_hi, d_lo, dd_hi, dd_lo, do, scratch,
-    dv, dq_part, dk_part, dbeta_part, dgam_part,
+    dv, dvb_out, dq_part, dk_part, dbeta_part, dgam_part,
     cu_seqlens, chunk_seq, chunk_local,
     scale, H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -441,7 +441,8 @@ def _grad_local_kernel(
 ):
     """Per (chunk slot, value head), the gradients within the chunk (first of two kernels).
 
-    With dVb = T^T dDelta (the gradient of diag(beta) v), contracted over V tile by tile:
+    With dVb = T^T dDelta (the gradient of diag(beta) v; stored in dvb_out [NTOK, HV, V] float32 for
+    `_grad_state_kernel`), contracted over V tile by tile:
     dP = dO Delta^T (P = Q K^T * Gamma) and dA = -dVb Delta^T (A = diag(beta) K K^T * Gamma; from
     dA = -T^T dT T^T, as U - W S = Delta). With dPm = dP * Gamma and dM = dA * Gamma * beta (the
     gradient of K K^T), stores dv and the parts
@@ -483,6 +484,7 @@ def _grad_local_kernel(
         vx = _load(v + base, HV * V, n, cols, BT, BV)
         dvb = _mm_ss(tth, ttl, ddh, ddl, tl.zeros([BT, BV], dtype=tl.float32))
         _store(dv + base, HV * V, n, cols, dvb * bv[:, None], BT, BV)
+        _store(dvb_out + base, HV * V, n, cols, dvb, BT, BV)
         dbeta_acc += tl.sum(dvb * vx.to(tl.float32), 1)
         acc_p = _mm_rs(dox, tl.trans(dh), tl.trans(dl), acc_p)
         vbh, vbl = _split(dvb)
@@ -522,7 +524,7 @@ def _grad_local_kernel(
 
 @triton.jit
 def _grad_state_kernel(
-    q, k, g, beta, t_hi, t_lo, s_hi, s_lo, ds_hi, ds_lo, d_hi, d_lo, dd_hi, dd_lo, do,
+    q, k, g, beta, s_hi, s_lo, ds_hi, ds_lo, d_hi, d_lo, dvb_in, do,
     dq_part, dk_part, dbeta_part, dgam_part,
     dq_hat, dk_hat, dbeta, dg,
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
@@ -532,9 +534,9 @@ def _grad_state_kernel(
 ):
     """Per (chunk slot, value head), the gradients through the states (second of two), and the sums.
 
-    Inputs: the chunk-entry state S, the gradient dS' of the state leaving the chunk, Delta and
-    dDelta from the two sequential passes, T from `_prepare_kernel`, `_grad_local_kernel`'s parts.
-    Contracted over V tile by tile, with dVb = T^T dDelta:
+    Inputs: the chunk-entry state S, the gradient dS' of the state leaving the chunk, Delta from
+    the forward pass, dVb = T^T dDelta and the parts from `_grad_local_kernel`. Contracted over V
+    tile by tile:
 
         dQd = dO S^T      Z = diag(e^(gamma_C - gamma)) Delta dS'^T - diag(beta e^gamma) dVb S^T
 
@@ -542,8 +544,9 @@ def _grad_state_kernel(
     W = T diag(beta e^gamma) K (dKb = T^T dW = -dVb S^T). Stores dq_hat = dq_part + scale e^gamma dQd
     and dk_hat = dk_part + Z ([NTOK, HV, K] float32, the gradients of the normalised q and k;
     `_qk_norm_bwd_kernel` goes back through the norms), dbeta, and dg = the reverse within-chunk
-    cumsum of dgamma. The row sums <x_j, .> the gate and beta gradients need come from the products
-    q S, k S and k dS' inside the loop, not from [BT, BK] tiles after it.
+    cumsum of dgamma. The row sums the gate and beta gradients need: <dO_i, (q S)_i> = <q_i, dQd_i>
+    from dQd after the loop (dQd is accumulated unscaled, so no division by a decay), the others from
+    the products k S and k dS' inside the loop.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -560,18 +563,13 @@ def _grad_state_kernel(
     eg = tl.exp(gam)
     to_end = tl.exp(gam_last - gam)
     bek = bv * eg
-    t_base = (t0 * HV + hv) * BT
-    # T^T, loaded transposed: tt[a, b] = T[b, a].
-    tth = _load_t(t_hi + t_base, HV * BT, n, BT, BT, BT)
-    ttl = _load_t(t_lo + t_base, HV * BT, n, BT, BT, BT)
     qk_base = (t0 * H + h) * K
     hk = (t0 * HV + hv) * K
     qx = _load(q + qk_base, H * K, n, K, BT, BK)
     kx = _load(k + qk_base, H * K, n, K, BT, BK)
 
-    acc_q = _load(dq_part + hk, HV * K, n, K, BT, BK)  # + scale e^gamma dO S^T
+    acc_q = tl.zeros([BT, BK], dtype=tl.float32)  # dQd = dO S^T
     acc_z = _load(dk_part + hk, HV * K, n, K, BT, BK)  # + Z
-    r_q = tl.zeros([BT], dtype=tl.float32)  # rowsum(dO * (q S))
     r_kd = tl.zeros([BT], dtype=tl.float32)  # rowsum(Delta * (k dS'))
     r_kb = tl.zeros([BT], dtype=tl.float32)  # rowsum(dVb * (k S))
     state_dot = tl.zeros([BK], dtype=tl.float32)  # <S, dS'> by rows of S
@@ -585,22 +583,20 @@ def _grad_state_kernel(
         dsl = _load(ds_lo + s_base + iv * BV, V, K, cols, BK, BV)
         base = hvv + iv * BV
         delta = _load(d_hi + base, HV * V, n, cols, BT, BV).to(tl.float32) + _load(d_lo + base, HV * V, n, cols, BT, BV).to(tl.float32)
-        ddh = _load(dd_hi + base, HV * V, n, cols, BT, BV)
-        ddl = _load(dd_lo + base, HV * V, n, cols, BT, BV)
-        dox = _load(do + base, HV * V, n, cols, BT, BV).to(tl.float32)
+        dvb = _load(dvb_in + base, HV * V, n, cols, BT, BV)
+        dox = _load(do + base, HV * V, n, cols, BT, BV)
 
-        ah, al = _split(dox * (scale * eg)[:, None])
-        acc_q = _mm_ss(ah, al, tl.trans(sh), tl.trans(sl), acc_q)
-        dvb = _mm_ss(tth, ttl, ddh, ddl, tl.zeros([BT, BV], dtype=tl.float32))
+        acc_q = _mm_rs(dox, tl.trans(sh), tl.trans(sl), acc_q)
         ah, al = _split(delta * to_end[:, None])
         acc_z = _mm_ss(ah, al, tl.trans(dsh), tl.trans(dsl), acc_z)
         ah, al = _split(dvb * (-bek)[:, None])
         acc_z = _mm_ss(ah, al, tl.trans(sh), tl.trans(sl), acc_z)
-        r_q += tl.sum(dox * _mm_rs(qx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
         r_kd += tl.sum(delta * _mm_rs(kx, dsh, dsl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
         r_kb += tl.sum(dvb * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
         state_dot += tl.sum((sh.to(tl.float32) + sl.to(tl.float32)) * (dsh.to(tl.float32) + dsl.to(tl.float32)), 1)
 
+    r_q = tl.sum(qx.to(tl.float32) * acc_q, 1)  # <q_i, dQd_i> = <dO_i, (q S)_i>
+    acc_q = _load(dq_part + hk, HV * K, n, K, BT, BK) + (scale * eg)[:, None] * acc_q
     _store(dq_hat + hk, HV * K, n, K, acc_q, BT, BK)
     _store(dk_hat + hk, HV * K, n, K, acc_z, BT, BK)
     rq = _rnorm(qx, NORM)
