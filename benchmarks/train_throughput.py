@@ -35,7 +35,7 @@ PEAK_FLOPS = 989e12
 
 
 def build_ours(preset: str, seq_len: int, device: torch.device, checkpointing: bool, compile_blocks: bool,
-               gdn_impl: str = "auto"):
+               gdn_impl: str = "auto", attn_impl: str = "auto"):
     config = get_preset(preset, max_seq_len=max(seq_len, get_preset(preset).max_seq_len))
     with device:  # initialise on the device: a 1B model's init on the host takes seconds
         model = HybridLM(config)
@@ -47,7 +47,7 @@ def build_ours(preset: str, seq_len: int, device: torch.device, checkpointing: b
             block.compile()
 
     def loss_fn(input_ids, labels):
-        logits = model(input_ids, gdn_impl=gdn_impl).logits
+        logits = model(input_ids, gdn_impl=gdn_impl, attn_impl=attn_impl).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     return model, loss_fn, n_params, config.vocab_size
@@ -140,6 +140,8 @@ def main() -> int:
     parser.add_argument("--transformers", action="store_true", help="also transformers' models at the same configs")
     parser.add_argument("--transformers-seq-lens", nargs="+", type=int, default=None,
                         help="sequence lengths for transformers' models (default: --seq-lens)")
+    parser.add_argument("--attn-impl", default="auto", choices=["auto", "flex", "sdpa"],
+                        help="how our attention layers apply sliding windows (auto: flex attention on CUDA)")
     parser.add_argument("--gdn-impl", default="auto", help="gated_delta_rule implementation of our models (auto, triton, triton-split, chunk)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
@@ -156,10 +158,10 @@ def main() -> int:
             runs += [("transformers", preset, seq) for preset in args.presets if preset.startswith(("hybrid", "olmo3"))]
     for impl, preset, seq_len in runs:
         batch = max(1, args.tokens_per_step // seq_len)
-        label = f"{impl} {preset} T={seq_len} B={batch}" + (f" gdn={args.gdn_impl}" if impl == "hybridlm" and args.gdn_impl != "auto" else "") + (" compiled" if args.compile and impl == "hybridlm" else "")
+        label = f"{impl} {preset} T={seq_len} B={batch}" + (f" gdn={args.gdn_impl}" if impl == "hybridlm" and args.gdn_impl != "auto" else "") + (f" attn={args.attn_impl}" if impl == "hybridlm" and args.attn_impl != "auto" else "") + (" compiled" if args.compile and impl == "hybridlm" else "")
         try:
             if impl == "hybridlm":
-                built = build_ours(preset, seq_len, device, args.activation_checkpointing, args.compile, args.gdn_impl)
+                built = build_ours(preset, seq_len, device, args.activation_checkpointing, args.compile, args.gdn_impl, args.attn_impl)
             else:
                 built = build_transformers(preset, seq_len, device, args.activation_checkpointing)
             model, loss_fn, n_params, vocab = built

@@ -15,7 +15,7 @@ from torch import nn
 
 from hybridlm.models.cache import HybridCache
 from hybridlm.models.config import HybridConfig
-from hybridlm.nn.attention import Attention, KVCache, KVCacheSlot, build_attention_mask
+from hybridlm.nn.attention import Attention, KVCache, KVCacheSlot, build_attention_mask, build_block_mask
 from hybridlm.nn.blocks import AttentionBlock, GatedDeltaNetBlock
 from hybridlm.nn.gated_deltanet import GatedDeltaNet
 from hybridlm.nn.inference import HasInferenceWeights, rms_norm_fused, rotary_sign
@@ -31,6 +31,10 @@ class CausalLMOutput:
     logits: torch.Tensor | None
     hidden_states: torch.Tensor | None = None
     cache: HybridCache | None = None
+
+
+# How attention applies documents and sliding windows (HybridLM.forward's attn_impl).
+ATTN_IMPLS = ("auto", "flex", "sdpa")
 
 
 def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -252,6 +256,7 @@ class HybridLM(HasInferenceWeights, nn.Module):
         return_hidden_states: bool = False,
         compute_logits: bool = True,
         gdn_impl: str = "auto",
+        attn_impl: str = "auto",
     ) -> CausalLMOutput:
         """Run the model.
 
@@ -262,7 +267,13 @@ class HybridLM(HasInferenceWeights, nn.Module):
             layers restart at each boundary and attention is block-diagonal causal. Not with a cache.
         cache: a `HybridCache` from `allocate_cache`, updated in place (prefill or decode).
         logits_to_keep: compute logits only for the last n positions.
+        gdn_impl: the `gated_delta_rule` backend of the GDN layers ("auto": hybridlm.ops decides).
+        attn_impl: how attention layers apply documents and sliding windows without a cache or
+            padding: "flex" (flex attention with a block mask), "sdpa" (a dense boolean mask), or
+            "auto" (flex on CUDA, sdpa elsewhere). Plain causal attention always runs SDPA's causal kernel.
         """
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {attn_impl!r}")
         self._check_input(input_ids, attention_mask, doc_ids, cache)
         batch, seq_len = input_ids.shape
         device = input_ids.device
@@ -295,7 +306,14 @@ class HybridLM(HasInferenceWeights, nn.Module):
                     first_key["swa"] = start - layer.window_keys(start)
 
         masks = {}
+        use_flex = attn_impl == "flex" or (attn_impl == "auto" and device.type == "cuda")
         for kind in set(self.config.layer_kinds) - {"gdn"}:
+            window = self.config.sliding_window if kind == "swa" else None
+            if use_flex and cache is None and padding is None and (doc_ids is not None or window is not None):
+                masks[kind] = build_block_mask(
+                    batch=batch, seq_len=seq_len, doc_ids=doc_ids, sliding_window=window, device=device
+                )
+                continue
             masks[kind] = build_attention_mask(
                 query_length=seq_len,
                 key_length=key_length - first_key[kind],

@@ -3,15 +3,23 @@ document masking, padding, and a preallocated KV cache for decoding.
 
 `Attention.forward` is the reference path; `Attention.decode` the fused one-token step for
 generation (q/k/v in one matmul with a derived weight, torch's fused RMSNorm, a shorter RoPE).
+
+Masks: plain causal attention runs PyTorch's SDPA with `is_causal` (flash attention on GPUs); other
+masks are either a dense boolean mask (`build_attention_mask`, SDPA's masked kernels) or, for
+training-style calls with documents or a sliding window, a flex-attention `BlockMask`
+(`build_block_mask`), which skips fully masked 128 x 128 blocks and never materialises T x T.
+`HybridLM.forward(attn_impl=...)` chooses: "auto" takes flex on CUDA, "sdpa" always the dense mask.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from hybridlm.nn.inference import HasInferenceWeights, apply_rotary_fused, rms_norm_fused
 from hybridlm.nn.norm import RMSNorm
@@ -161,6 +169,7 @@ class Attention(HasInferenceWeights, nn.Module):
         rotary: float32 (cos, sin) [B, T, head_dim] for these tokens, or None (NoPE).
         mask: boolean [B or 1, 1, T, T_keys] (True = may attend), or None for plain causal attention
             over exactly these T tokens. The model builds it (it knows padding, documents, windows).
+            Or a flex-attention `BlockMask` (`build_block_mask`) over exactly these T tokens.
         kv_cache: this layer's cache; new keys/values are appended and attention spans what it returns.
         """
         batch, seq_len, _ = x.shape
@@ -181,7 +190,14 @@ class Attention(HasInferenceWeights, nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         grouped = self.n_kv_heads != self.n_heads
-        if mask is None:
+        if isinstance(mask, BlockMask):
+            if kv_cache is not None:
+                raise ValueError("a flex-attention BlockMask covers no KV cache; build a dense mask for cached calls")
+            dtype = v.dtype  # RoPE and the norms may have promoted q, k to float32 under autocast
+            out = flex_attention_fn(q.is_cuda)(
+                q.to(dtype), k.to(dtype), v, block_mask=mask, scale=self.head_dim**-0.5, enable_gqa=grouped
+            )
+        elif mask is None:
             if k.shape[2] != seq_len:
                 raise ValueError("attention over a KV cache needs an explicit mask from the model")
             out = F.scaled_dot_product_attention(
@@ -239,6 +255,48 @@ class Attention(HasInferenceWeights, nn.Module):
     def _decode_qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_norm, k_norm = self.q_norm, self.k_norm
         return rms_norm_fused(q, q_norm.weight, q_norm.eps), rms_norm_fused(k, k_norm.weight, k_norm.eps)
+
+
+_COMPILED_FLEX = None
+
+
+def flex_attention_fn(cuda: bool):
+    """flex_attention, compiled once on CUDA (its fused kernels exist only compiled); eager on CPU,
+    where it materialises the scores (used for tests and small models only)."""
+    global _COMPILED_FLEX
+    if cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX
+
+    def eager(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(*args, **kwargs)
+
+    return eager
+
+
+def build_block_mask(
+    *, batch: int, seq_len: int, doc_ids: torch.Tensor | None = None, sliding_window: int | None = None,
+    device: torch.device,
+) -> BlockMask:
+    """The flex-attention equivalent of `build_attention_mask` for T queries over the same T keys
+    without padding: causal, within a document (doc_ids [B, T]) and within the window (a query sees
+    itself and window-1 earlier keys)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        if sliding_window is not None:
+            allowed = allowed & (q_idx - kv_idx < sliding_window)
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return allowed
+
+    return create_block_mask(
+        mask_mod, B=batch if doc_ids is not None else None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+        device=device, _compile=device.type == "cuda",
+    )
 
 
 def build_attention_mask(

@@ -113,7 +113,8 @@ class TrainerSection:
     compile: bool = False
     activation_checkpointing: bool = False
     init_from: str | None = None  # run / checkpoint / HF dir: start from its weights and architecture (train/extend.py)
-    gdn_impl: str = "auto"  # gated delta rule backend: auto, chunk (PyTorch), triton, ... (hybridlm.ops)
+    gdn_impl: str = "auto"  # gated delta rule backend: auto, chunk (PyTorch), triton-split, ... (hybridlm.ops)
+    attn_impl: str = "auto"  # documents / sliding windows in attention: auto (flex on CUDA), flex, sdpa
     seed: int = 0  # model initialisation
     log_every: int = 10
     eval_every: int = 50  # 0: evaluate only at the end
@@ -277,6 +278,9 @@ class TrainConfig:
             trainer.gdn_impl in available_impls(),
             f"trainer.gdn_impl must be one of {available_impls()} (got {trainer.gdn_impl!r})",
         )
+        from hybridlm.models.hybrid_lm import ATTN_IMPLS
+
+        need(trainer.attn_impl in ATTN_IMPLS, f"trainer.attn_impl must be one of {list(ATTN_IMPLS)} (got {trainer.attn_impl!r})")
         need(trainer.precision in PRECISIONS, f"trainer.precision must be one of {list(PRECISIONS)} (got {trainer.precision!r})")
         for name in ("log_every",):
             need(getattr(trainer, name) > 0, f"trainer.{name} must be positive (got {getattr(trainer, name)})")

@@ -191,6 +191,7 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
                     batch.input_ids.to(env.device),
                     doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
                     gdn_impl=trainer.gdn_impl,
+                    attn_impl=trainer.attn_impl,
                 )
             sums = language_model_loss_sums(output.logits, batch.labels.to(env.device))
             loss = (sums.cross_entropy + optim_config.z_loss * sums.z_loss) * scale
@@ -232,7 +233,7 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             window_tokens, window_time = 0, 0.0
         if evaluate_now:
-            val_loss, val_bpb = _evaluate(model, eval_loader, token_bytes, env, compute_dtype, trainer.gdn_impl)
+            val_loss, val_bpb = _evaluate(model, eval_loader, token_bytes, env, compute_dtype, trainer.gdn_impl, trainer.attn_impl)
             first_val_loss = val_loss if first_val_loss is None else first_val_loss
             record.update(val_loss=val_loss, val_bpb=val_bpb)
             if decay_point is not None:
@@ -300,7 +301,9 @@ def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model, loader, token_bytes: torch.Tensor, env: DistributedEnv, compute_dtype, gdn_impl: str) -> tuple[float, float]:
+def _evaluate(
+    model, loader, token_bytes: torch.Tensor, env: DistributedEnv, compute_dtype, gdn_impl: str, attn_impl: str = "auto"
+) -> tuple[float, float]:
     """(mean cross-entropy in nats per token, bits per byte) on the held-out instances.
 
     Bits per byte = sum of cross-entropy nats / (ln 2 * UTF-8 bytes of the target tokens), with the
@@ -314,6 +317,7 @@ def _evaluate(model, loader, token_bytes: torch.Tensor, env: DistributedEnv, com
                 batch.input_ids.to(env.device),
                 doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
                 gdn_impl=gdn_impl,
+                attn_impl=attn_impl,
             )
         sums = language_model_loss_sums(output.logits, batch.labels.to(env.device))
         ce_sum += sums.cross_entropy.item()
