@@ -1,6 +1,6 @@
 """Compile the chunked gated delta rule kernels for sm_90 without a GPU and report their resources.
 
-    python benchmarks/gdn_compile_report.py [--impl triton|triton-split] [--key-dim 96]
+    python benchmarks/gdn_compile_report.py [--key-dim 96]
 
 Needs only Triton (no PyTorch, no GPU): the kernel files are loaded by path, so the report can be
 made in a virtual environment holding just the Triton version of the GPU machine (e.g. `pip
@@ -91,52 +91,20 @@ def split_kernels(block_k: int) -> list[tuple]:
     args = dict(common, q=raw, k=raw, g=f32, beta=f32, s_hi=half, s_lo=half, ds_hi=half,
                 ds_lo=half, d_hi=half, d_lo=half, dvb_in=f32, do=raw, dq_part=f32, dk_part=f32,
                 dbeta_part=f32, dgam_part=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32, BV=16)
-    runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 1))
+    runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 2))
     args = dict(q=raw, k=raw, dq_hat=f32, dk_hat=f32, dq=raw, dk=raw, NTOK="i32", H="i32", HV="i32", K="i32",
                 BT=64, BK=block_k, NORM=True)
     runs.append(("L2-norm backward", k._qk_norm_bwd_kernel, args, 4, 3))
     return runs
 
 
-def default_kernels(block_k: int) -> list[tuple]:
-    """(label, kernel, args, warps, stages) of "triton" at its default settings (chunk.KernelOptions;
-    the V tile its sequential kernels take at (1, 8192, 30, 96, 192))."""
-    k = load("kernels")
-    raw, f32, half = "*bf16", "*fp32", "*bf16"
-    common = dict(cu_seqlens="*i32", chunk_seq="*i32", chunk_local="*i32", chunk_offsets="*i32", scale="fp32",
-                  H="i32", HV="i32", K="i32", V="i32", BT=64, LOG2_BT=6, BK=block_k, NORM=True, LOWP=False,
-                  PREC="tf32", INV_PREC="tf32x3")
-    runs = []
-    for backward in (False, True):
-        args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, do=raw if backward else None, w=half, u=f32, kd=f32,
-                    qd=f32 if backward else None, tmat=f32 if backward else None, dvl=f32 if backward else None,
-                    BV=64, BACKWARD=backward)
-        runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 3))
-    args = dict(common, w=half, u=f32, kd=f32, g=f32, h0=None, states=f32, vnew=f32, ht=None, HAS_H0=False,
-                STORE_HT=False, BV=16)
-    runs.append(("state pass, forward (V tile 16)", k._state_fwd_kernel, args, 4, 2))
-    args = dict(common, qd=f32, kd=f32, w=half, g=f32, do=raw, dvl=f32, dht=None, dstates=f32, dvnew=f32, dh0=None,
-                HAS_DHT=False, STORE_DH0=False, BV=16)
-    runs.append(("state pass, backward (V tile 16)", k._state_bwd_kernel, args, 4, 2))
-    args = dict(common, q=raw, k=raw, g=f32, states=f32, vnew=f32, o=raw, BV=64)
-    runs.append(("output", k._output_kernel, args, 4, 3))
-    args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, tmat=f32, states=f32, dstates=f32, vnew=f32, dvnew=f32,
-                do=raw, dq=f32, dk_part=f32, dv=raw, dbeta_part=f32, dgam_part=f32, dtmat=f32, BV=32)
-    runs.append(("gradients", k._grad_kernel, args, 4, 1))
-    args = dict(common, k=raw, g=f32, beta=f32, tmat=f32, dtmat=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32,
-                scratch=f32, dk=f32, dbeta=f32, dg=f32)
-    runs.append(("UT-transform backward", k._ut_grad_kernel, args, 4, 3))
-    return runs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=["triton", "triton-split"], default="triton-split")
     parser.add_argument("--key-dim", type=int, default=96, help="K (padded to a power of two)")
     args = parser.parse_args()
     block_k = max(16, triton.next_power_of_2(args.key_dim))
-    runs = split_kernels(block_k) if args.impl == "triton-split" else default_kernels(block_k)
-    print(f'"{args.impl}", Triton {triton.__version__}, sm_90, K tile {block_k}\n')
+    runs = split_kernels(block_k)
+    print(f'"triton-split", Triton {triton.__version__}, sm_90, K tile {block_k}\n')
     print("| kernel | warps | stages | registers | spill stack B | STL/LDL | shared KB | programs/SM | wgmma/mma |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, fn, kernel_args, warps, stages in runs:

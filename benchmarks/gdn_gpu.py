@@ -11,8 +11,8 @@ decode step), the fused short conv + SiLU and the fused gated RMSNorm.
    (decays down to exp(-30) and exactly 1) and a 64K-token sequence. Relative error
    ||x - ref|| / ||ref|| of o, the final state and every gradient; the issue's bar is 5e-3.
 2. Timings (triton.testing.do_bench, median; inputs are several times the 60 MB L2): forward and
-   forward+backward at the issue's shapes of the chunked implementations ("triton-split", the
-   split-bf16 kernels and the default on GPUs, and "triton", the first tf32 kernels), fla's chunk_gated_delta_rule (forward)
+   forward+backward at the issue's shapes of the chunked implementation ("triton-split", the
+   split-bf16 kernels, the default on GPUs), fla's chunk_gated_delta_rule (forward)
    and PyTorch's flash SDPA causal attention with the same B, T, heads and head dim 128. --sweep
    times launch settings of "triton-split" (`SPLIT_OPTIONS`) at the first shape, each checked
    against the default settings' output and gradients.
@@ -43,15 +43,14 @@ import hybridlm.ops.norm as norm_module
 from hybridlm.ops.gated_delta_rule import gated_delta_rule, naive_gated_delta_rule
 from hybridlm.ops.gated_delta_rule.triton import (
     SPLIT_OPTIONS,
-    chunk_gated_delta_rule_triton,
     chunk_gated_delta_rule_triton_split,
     gated_delta_rule_decode_,
 )
 
-# The chunked implementations (backend names): "triton-split" (the split-bf16 kernels,
-# triton/chunk_split.py, whose launch settings SWEEP varies) is auto's choice on CUDA, "triton" the
-# first (tf32) kernels.
-IMPLS = {"triton-split": chunk_gated_delta_rule_triton_split, "triton": chunk_gated_delta_rule_triton}
+# The chunked implementations by backend name: "triton-split" (the split-bf16 kernels,
+# triton/chunk_split.py, whose launch settings SWEEP varies; auto's choice on CUDA). The first, tf32
+# kernels ("triton" until the third GPU session) were removed; their numbers stay in docs/benchmarks.md.
+IMPLS = {"triton-split": chunk_gated_delta_rule_triton_split}
 
 # Launch settings timed with --sweep at the first shape (the sequential kernels' V tiles and
 # pipelining depth, the parallel kernels' V tiles).

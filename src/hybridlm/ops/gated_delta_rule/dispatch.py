@@ -67,7 +67,7 @@ register_backend(
     priority=10,
     prefers=lambda q, needs_grad: not needs_grad and q.shape[1] <= RECURRENT_MAX_TOKENS,
 )
-# GPU backends: "triton-split" (auto's choice for CUDA tensors), "triton" and "fla" (by name only).
+# GPU backends: "triton-split" (auto's choice for CUDA tensors; also named "triton") and "fla" (by name only).
 register_gpu_backends(register_backend)
 
 

@@ -1,10 +1,11 @@
-"""The GPU backends of `gated_delta_rule`: our Triton kernels ("triton-split", "triton") and fla ("fla").
+"""The GPU backends of `gated_delta_rule`: our Triton kernels ("triton-split", also named "triton")
+and fla ("fla").
 
 `register_gpu_backends(register_backend)` adds them to the dispatcher. "triton-split" (split-bf16
 matmuls, `triton/chunk_split.py`) has the highest priority and is preferred for every CUDA tensor
-(but float64) when Triton is installed, so `impl="auto"` picks it on GPUs: it is both the fastest and
-the most accurate of our kernels (docs/benchmarks.md). "triton" (the first kernels, tf32 matmuls,
-`triton/chunk.py`) is used only when asked for by name. "fla" is used only when asked for by name, and
+(but float64) when Triton is installed, so `impl="auto"` picks it on GPUs. "triton" is the same
+backend by another name (it named the first, tf32 kernels, removed once the split ones were faster
+and more accurate everywhere; docs/benchmarks.md). "fla" is used only when asked for by name, and
 only where its version is known to give correct gradients. `note_backend_choice` logs the choice
 once and warns when a CUDA call ends up on a PyTorch path. Importing this module imports neither
 Triton nor fla.
@@ -44,18 +45,6 @@ def _chunk_or_token_loop(chunked, q, k, v, g, beta, *, scale, initial_state, out
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         use_qk_l2norm=use_qk_l2norm,
-    )
-
-
-def triton_gated_delta_rule(
-    q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None, use_qk_l2norm=True
-):
-    """Backend "triton": the tf32 chunked kernels, or the token loop for short inputs without gradients."""
-    from hybridlm.ops.gated_delta_rule.triton.chunk import chunk_gated_delta_rule_triton
-
-    return _chunk_or_token_loop(
-        chunk_gated_delta_rule_triton, q, k, v, g, beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
     )
 
 
@@ -151,7 +140,7 @@ def note_backend_choice(name: str, q: torch.Tensor) -> None:
 
 
 def register_gpu_backends(register_backend) -> None:
-    """Add "triton-split" (auto's choice on CUDA), "triton" and "fla" (by name only) to the dispatcher."""
+    """Add "triton-split" (auto's choice on CUDA), "triton" (the same) and "fla" (by name only) to the dispatcher."""
     register_backend("triton-split", triton_split_gated_delta_rule, priority=20, prefers=prefers_triton)
-    register_backend("triton", triton_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)
+    register_backend("triton", triton_split_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)
     register_backend("fla", fla_gated_delta_rule, priority=-1, prefers=lambda q, needs_grad: False)

@@ -1,7 +1,7 @@
-"""Host side of the "triton-split" chunked gated delta rule (kernels in `kernels_split.py`).
+"""Host side of the chunked gated delta rule in Triton (kernels in `kernels_split.py`; backend
+"triton-split", also "triton").
 
-Same interface and layouts as `chunk.chunk_gated_delta_rule_triton`; different numerics and tiling:
-every matmul runs on bf16 tensor cores with float32 operands split into two bf16 terms (about float32
+Same interface and layouts as `gated_delta_rule` (fla's). Numerics and tiling: every matmul runs on bf16 tensor cores with float32 operands split into two bf16 terms (about float32
 accuracy at bf16 speed; `kernels_split`'s docstring), and the backward is split into kernels whose
 accumulators fit 4 warps. The backward recomputes the forward's prepare and state passes rather
 than keeping the per-chunk states alive between forward and backward.
@@ -267,3 +267,7 @@ def chunk_gated_delta_rule_triton_split(
         scale = q.shape[-1] ** -0.5
     o, final = _gdn_chunk(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm)
     return o, (final if output_final_state else None)
+
+
+# The name of the chunked Triton path since the first (tf32) kernels were removed.
+chunk_gated_delta_rule_triton = chunk_gated_delta_rule_triton_split
