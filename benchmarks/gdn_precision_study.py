@@ -203,19 +203,18 @@ def main() -> None:
             dh0, dd = backward_state_pass(q, k, v, g, beta, do, dht, one_term)
             results[("bwd " + variant, name)] = (rel(dd, ref_dd), rel(dh0, ref_dh0))
             print(f"{name} | bwd {variant}: dDelta {rel(dd, ref_dd):.2e}, dh0 {rel(dh0, ref_dh0):.2e}", flush=True)
-    print("\nForward: relative error against the unrounded algorithm in float64 (o rounded to bf16 / final state):\n")
-    print("| variant | " + " | ".join(name for name, _ in cases) + " |")
-    print("|---|" + "---|" * len(cases))
-    for variant in VARIANTS:
-        cells = [f"{results[(variant, name)][0]:.1e} / {results[(variant, name)][1]:.1e}" for name, _ in cases]
-        print(f"| {variant} | " + " | ".join(cells) + " |")
-    print("\nReverse state pass: relative error of dDelta / dh0:\n")
-    print("| variant | " + " | ".join(name for name, _ in cases) + " |")
-    print("|---|" + "---|" * len(cases))
-    for variant in BACKWARD_VARIANTS:
-        cells = [f"{results[('bwd ' + variant, name)][0]:.1e} / {results[('bwd ' + variant, name)][1]:.1e}" for name, _ in cases]
-        print(f"| {variant} | " + " | ".join(cells) + " |")
+    _print_table("Forward: relative error against the unrounded algorithm in float64 (o rounded to bf16 / final state)",
+                 VARIANTS, "", cases, results)
+    _print_table("Reverse state pass: relative error of dDelta / dh0", BACKWARD_VARIANTS, "bwd ", cases, results)
 
+
+def _print_table(title: str, variants: dict, prefix: str, cases: list, results: dict) -> None:
+    print(f"\n{title}:\n")
+    print("| variant | " + " | ".join(name for name, _ in cases) + " |")
+    print("|---|" + "---|" * len(cases))
+    for variant in variants:
+        cells = [f"{results[(prefix + variant, name)][0]:.1e} / {results[(prefix + variant, name)][1]:.1e}" for name, _ in cases]
+        print(f"| {variant} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ def test_flex_matches_dense_mask(monkeypatch, preset, packed):
     calls = _count_flex_calls(monkeypatch)
     with torch.no_grad():  # flex attention has no backward on CPU
         dense = model(ids, doc_ids=doc_ids, attn_impl="sdpa").logits
+        model(ids, doc_ids=doc_ids)  # auto: the dense mask off the GPU
         assert calls == []
         flex = model(ids, doc_ids=doc_ids, attn_impl="flex").logits
     # A block mask is built only where a plain causal call would not do.

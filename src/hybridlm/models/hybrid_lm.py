@@ -270,7 +270,8 @@ class HybridLM(HasInferenceWeights, nn.Module):
         gdn_impl: the `gated_delta_rule` backend of the GDN layers ("auto": hybridlm.ops decides).
         attn_impl: how attention layers apply documents and sliding windows without a cache or
             padding: "flex" (flex attention with a block mask), "sdpa" (a dense boolean mask), or
-            "auto" (flex on CUDA, sdpa elsewhere). Plain causal attention always runs SDPA's causal kernel.
+            "auto" (flex on CUDA when gradients are enabled, i.e. training; sdpa otherwise). Plain
+            causal attention always runs SDPA's causal kernel.
         """
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {attn_impl!r}")
@@ -306,7 +307,9 @@ class HybridLM(HasInferenceWeights, nn.Module):
                     first_key["swa"] = start - layer.window_keys(start)
 
         masks = {}
-        use_flex = attn_impl == "flex" or (attn_impl == "auto" and device.type == "cuda")
+        # auto: flex for training on GPUs, whose shapes repeat (flex is compiled per shape); calls
+        # without gradients (evaluation, generation at varying lengths) keep the dense mask.
+        use_flex = attn_impl == "flex" or (attn_impl == "auto" and device.type == "cuda" and torch.is_grad_enabled())
         for kind in set(self.config.layer_kinds) - {"gdn"}:
             window = self.config.sliding_window if kind == "swa" else None
             if use_flex and cache is None and padding is None and (doc_ids is not None or window is not None):

@@ -8,7 +8,8 @@ Masks: plain causal attention runs PyTorch's SDPA with `is_causal` (flash attent
 masks are either a dense boolean mask (`build_attention_mask`, SDPA's masked kernels) or, for
 training-style calls with documents or a sliding window, a flex-attention `BlockMask`
 (`build_block_mask`), which skips fully masked 128 x 128 blocks and never materialises T x T.
-`HybridLM.forward(attn_impl=...)` chooses: "auto" takes flex on CUDA, "sdpa" always the dense mask.
+`HybridLM.forward(attn_impl=...)` chooses: "auto" takes flex on CUDA for training (gradients on),
+"sdpa" always the dense mask.
 """
 
 from __future__ import annotations
