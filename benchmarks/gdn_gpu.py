@@ -64,6 +64,7 @@ SWEEP = [
     dict(grad_local_block_v=64, stages_grad_local=1),
     dict(stages_grad_state=1),
     dict(grad_state_block_v=32, stages_grad_state=2),
+    dict(one_term_state_products=True),
 ]
 _DEFAULTS = dict(SPLIT_OPTIONS.__dict__)
 ISSUE_SHAPES = [(1, 8192, 30, 96, 192), (4, 4096, 16, 96, 192), (8, 2048, 16, 128, 128)]

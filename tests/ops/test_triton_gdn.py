@@ -186,3 +186,19 @@ def test_split_launch_settings(monkeypatch):
     assert chunk_split._state_block_v(32, 1000, cpu, backward=True) == 32  # never above V
     monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "state_bwd_block_v", 16)
     assert chunk_split._state_block_v(128, 32, cpu, backward=True) == 16
+
+
+def test_split_one_term_state_products_bfloat16(monkeypatch):
+    # The opt-in one-term products in the state passes (bf16 inputs only) stay within the 5e-3 bar;
+    # float32 inputs keep both terms and float32 accuracy.
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 32, seed=12)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    both = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0, output_final_state=True)[1]
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "one_term_state_products", True)
+    one = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0, output_final_state=True)[1]
+    assert 1e-7 < _rel(one, both) < 1e-3  # the lo term was dropped, at about its size
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, tol=5e-3)
+    assert chunk_split._state_terms(k) == 1 and chunk_split._state_terms(k.float()) == 2
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, *_inputs(1, 100, 1, 1, 16, 32, seed=13))

@@ -59,6 +59,10 @@ class KernelOptions:
     grad_state_block_v: int = 16
     stages_grad_state: int = 2
     warps_grad: int = 4
+    # Opt-in, for bf16 inputs only, not yet timed or checked on a GPU: one bf16 term instead of two
+    # for S in the forward state pass's W S and for dDelta in the reverse pass's W^T dDelta
+    # (benchmarks/gdn_precision_study.py: outputs unchanged, final state / dh0 within 2e-4 / 7e-4).
+    one_term_state_products: bool = False
 
 
 SPLIT_OPTIONS = KernelOptions()
@@ -74,6 +78,11 @@ def _state_stages(device: torch.device) -> int:
     """Pipelining depth of the sequential kernels: at least 2 where wgmma is used (KernelOptions)."""
     stages = SPLIT_OPTIONS.stages_state
     return max(stages, 2) if uses_wgmma(device) else stages
+
+
+def _state_terms(k: torch.Tensor) -> int:
+    """bf16 terms of S in W S (forward pass) and of dDelta in W^T dDelta (reverse pass)."""
+    return 1 if SPLIT_OPTIONS.one_term_state_products and k.dtype == torch.bfloat16 else 2
 
 
 # Programs of each sequential kernel one SM holds at stages_state = 2 (shared memory: the forward
@@ -151,7 +160,7 @@ def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout
         layout.cu_seqlens, layout.chunk_offsets,
         k.shape[1], value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=state_v,
-        HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+        HAS_H0=initial_state is not None, STORE_HT=output_final_state, S_TERMS=_state_terms(k),
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
     return states, vnew, final
@@ -195,7 +204,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         layout.cu_seqlens, layout.chunk_offsets,
         heads, value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=state_v,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k),
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
     )
     del w, kscale, qscale, dvl
