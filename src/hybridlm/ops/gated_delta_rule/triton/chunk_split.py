@@ -1,8 +1,9 @@
 """Host side of the chunked gated delta rule in Triton (kernels in `kernels_split.py`; backend
 "triton-split", also "triton").
 
-Same interface and layouts as `gated_delta_rule` (fla's). Numerics and tiling: every matmul runs on bf16 tensor cores with float32 operands split into two bf16 terms (about float32
-accuracy at bf16 speed; `kernels_split`'s docstring), and the backward is split into kernels whose
+Same interface and layouts as `gated_delta_rule` (fla's). Numerics and tiling: every matmul runs
+on bf16 tensor cores with float32 operands split into two bf16 terms (about float32 accuracy at
+bf16 speed; `kernels_split`'s docstring), and the backward is split into kernels whose
 accumulators fit 4 warps. The backward recomputes the forward's prepare and state passes rather
 than keeping the per-chunk states alive between forward and backward.
 
@@ -11,7 +12,7 @@ comparisons under TRITON_INTERPRET=1 and on an H200 with bf16 inputs at about th
 the outputs (1.7e-3), with Triton's wgmma code generation at the launch settings below (the
 sequential kernels need two pipelining stages there; `KernelOptions`) and with DISABLE_MMA_V3=1.
 
-Wrapped as a torch.library custom op (`hybridlm::gdn_chunk_split`) like the default path.
+Wrapped as the torch.library custom op `hybridlm::gdn_chunk_split` (`chunk.define_chunk_op`).
 """
 
 from __future__ import annotations
