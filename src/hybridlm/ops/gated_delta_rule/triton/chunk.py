@@ -46,6 +46,26 @@ def _num_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
+def _fake_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm):
+    """Output shapes and dtypes of the forward ops (torch.compile's fake tensors): o in q's dtype, the
+    float32 final state, or an empty tensor when not asked for."""
+    o = v.new_empty(v.shape, dtype=q.dtype)
+    if output_final_state:
+        shape = (_num_seqs(q, cu_seqlens), v.shape[2], q.shape[3], v.shape[3])
+        return o, q.new_empty(shape, dtype=torch.float32)
+    return o, q.new_empty(0, dtype=torch.float32)
+
+
+def call_gdn_op(op, q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+    """The public functions' common body: check the device, default the scale to K^-0.5, call the op
+    and drop the placeholder final state when none was asked for."""
+    _check_device(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    o, final = op(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm)
+    return o, (final if output_final_state else None)
+
+
 def define_chunk_op(name: str, forward, backward):
     """Wrap host functions as the differentiable custom op `hybridlm::{name}` (and its backward,
     `hybridlm::{name}_backward`), so torch.compile and autograd treat the kernels as one opaque op.
@@ -76,13 +96,6 @@ def define_chunk_op(name: str, forward, backward):
         if final is None:
             final = q.new_empty(0, dtype=torch.float32)
         return o.view(v.shape), final
-
-    def fake_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm):
-        o = v.new_empty(v.shape, dtype=q.dtype)
-        if output_final_state:
-            shape = (_num_seqs(q, cu_seqlens), v.shape[2], q.shape[3], v.shape[3])
-            return o, q.new_empty(shape, dtype=torch.float32)
-        return o, q.new_empty(0, dtype=torch.float32)
 
     def op_backward(
         q: torch.Tensor,
@@ -136,7 +149,7 @@ def define_chunk_op(name: str, forward, backward):
         return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None
 
     forward_op = torch.library.custom_op(f"hybridlm::{name}", op_forward, mutates_args=())
-    forward_op.register_fake(fake_forward)
+    forward_op.register_fake(_fake_forward)
     backward_op = torch.library.custom_op(f"hybridlm::{name}_backward", op_backward, mutates_args=())
     backward_op.register_fake(fake_backward)
     forward_op.register_autograd(autograd_backward, setup_context=setup_context)
@@ -173,13 +186,7 @@ def _gdn_recurrent(
     return o.view(v.shape), final
 
 
-@_gdn_recurrent.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm):
-    o = v.new_empty(v.shape, dtype=q.dtype)
-    if output_final_state:
-        shape = (_num_seqs(q, cu_seqlens), v.shape[2], q.shape[3], v.shape[3])
-        return o, q.new_empty(shape, dtype=torch.float32)
-    return o, q.new_empty(0, dtype=torch.float32)
+_gdn_recurrent.register_fake(_fake_forward)
 
 
 def _launch_recurrent(q, k, v, g, beta, o, h0, ht, cu, scale, norm):
@@ -216,13 +223,8 @@ def recurrent_gated_delta_rule_triton(
     beta: [B, T, HV]; initial_state: [N, HV, K, V] (N = B, or documents in cu_seqlens, B == 1).
     Returns (o [B, T, HV, V] in q's dtype, final state [N, HV, K, V] float32 or None).
     """
-    _check_device(q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    o, final = _gdn_recurrent(
-        q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm
-    )
-    return o, (final if output_final_state else None)
+    return call_gdn_op(_gdn_recurrent, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
 
 
 def gated_delta_rule_decode_(

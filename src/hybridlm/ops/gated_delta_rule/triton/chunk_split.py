@@ -24,7 +24,7 @@ import torch
 import triton
 
 from hybridlm.ops.gated_delta_rule.triton import kernels_split as kernels
-from hybridlm.ops.gated_delta_rule.triton.chunk import _check_device, define_chunk_op
+from hybridlm.ops.gated_delta_rule.triton.chunk import call_gdn_op, define_chunk_op
 from hybridlm.ops.gated_delta_rule.triton.layout import CHUNK, SequenceLayout
 
 
@@ -272,11 +272,8 @@ def chunk_gated_delta_rule_triton_split(
     Inputs are not validated here (`gated_delta_rule` does that).
     Returns (o [B, T, HV, V] in q's dtype, final state [N, HV, K, V] float32 or None).
     """
-    _check_device(q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    o, final = _gdn_chunk(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm)
-    return o, (final if output_final_state else None)
+    return call_gdn_op(_gdn_chunk, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
 
 
 # The name of the chunked Triton path since the first (tf32) kernels were removed.
