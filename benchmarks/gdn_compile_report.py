@@ -35,7 +35,7 @@ def load(name: str):
     return module
 
 
-def compile_kernel(fn, args: dict, num_warps: int, num_stages: int) -> dict:
+def compile_kernel(fn, args: dict, num_warps: int, num_stages: int, arch: int = 90) -> dict:
     """args: pointer dtypes ("*bf16"), "i32"/"fp32" for scalars, anything else is a constexpr."""
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
@@ -48,7 +48,7 @@ def compile_kernel(fn, args: dict, num_warps: int, num_stages: int) -> dict:
             signature[name] = "constexpr"
             constexprs[name] = value
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
@@ -63,8 +63,12 @@ def compile_kernel(fn, args: dict, num_warps: int, num_stages: int) -> dict:
             "per_sm": per_sm, "wgmma": sass.count("HGMMA"), "mma": sass.count("HMMA")}
 
 
-def split_kernels(block_k: int) -> list[tuple]:
-    """(label, kernel, args, warps, stages) of "triton-split" at its default settings (chunk_split.KernelOptions)."""
+def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False, state_stages: int = 2,
+                  grad_terms: int = 2) -> list[tuple]:
+    """(label, kernel, args, warps, stages) of "triton-split" at its default settings
+    (chunk_split.KernelOptions); the sequential kernels at each V tile of state_block_vs. one_term:
+    the opt-in one-term products (`one_term_state_products`, `one_term_output_states`, `one_term_w`)."""
+    terms = 1 if one_term else 2
     k = load("kernels_split")
     raw, half, f32 = "*bf16", "*bf16", "*fp32"
     common = dict(cu_seqlens="*i32", chunk_seq="*i32", chunk_local="*i32", chunk_offsets="*i32", scale="fp32",
@@ -73,24 +77,26 @@ def split_kernels(block_k: int) -> list[tuple]:
     for backward in (False, True):
         args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, do=raw if backward else None, w_hi=half, w_lo=half,
                     u=f32, kscale=f32, qscale=f32 if backward else None, t_hi=half if backward else None,
-                    t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward)
+                    t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward,
+                    W_TERMS=terms)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
-    for block_v in (16, 64):
+    for block_v in state_block_vs:
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
-                    d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v)
-        runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, 2))
+                    d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v, S_TERMS=terms,
+                    STORE_S_LO=not one_term, W_TERMS=terms)
+        runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, state_stages))
         args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw, dvl=f32,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
-                    STORE_DH0=False, BV=block_v)
-        runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, 2))
-    args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=32)
+                    STORE_DH0=False, BV=block_v, DD_TERMS=terms, W_TERMS=terms)
+        runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, state_stages))
+    args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=32, OUT_TERMS=terms)
     runs.append(("output", k._output_kernel, args, 4, 2))
     args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, t_hi=half, t_lo=half, d_hi=half, d_lo=half, dd_hi=half,
-                dd_lo=half, do=raw, scratch=f32, dv=raw, dvb_out=f32, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=32)
+                dd_lo=half, do=raw, scratch=f32, dv=raw, dvb_out=f32, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=32, TERMS=grad_terms)
     runs.append(("gradients within the chunk", k._grad_local_kernel, args, 4, 2))
     args = dict(common, q=raw, k=raw, g=f32, beta=f32, s_hi=half, s_lo=half, ds_hi=half,
                 ds_lo=half, d_hi=half, d_lo=half, dvb_in=f32, do=raw, dq_part=f32, dk_part=f32,
-                dbeta_part=f32, dgam_part=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32, BV=16)
+                dbeta_part=f32, dgam_part=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32, BV=16, TERMS=grad_terms)
     runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 2))
     args = dict(q=raw, k=raw, dq_hat=f32, dk_hat=f32, dq=raw, dk=raw, NTOK="i32", H="i32", HV="i32", K="i32",
                 BT=64, BK=block_k, NORM=True)
@@ -101,14 +107,19 @@ def split_kernels(block_k: int) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--key-dim", type=int, default=96, help="K (padded to a power of two)")
+    parser.add_argument("--state-block-v", type=int, nargs="+", default=[16, 64], help="V tiles of the sequential kernels")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (80: A100, mma.sync)")
+    parser.add_argument("--state-stages", type=int, default=2, help="pipelining stages of the sequential kernels")
+    parser.add_argument("--grad-terms", type=int, default=2, help="bf16 terms in the gradient kernels' matmuls")
+    parser.add_argument("--one-term", action="store_true", help="the opt-in one-term state products and output states")
     args = parser.parse_args()
     block_k = max(16, triton.next_power_of_2(args.key_dim))
-    runs = split_kernels(block_k)
-    print(f'"triton-split", Triton {triton.__version__}, sm_90, K tile {block_k}\n')
+    runs = split_kernels(block_k, args.state_block_v, args.one_term, args.state_stages, args.grad_terms)
+    print(f'"triton-split", Triton {triton.__version__}, sm_{args.arch}, K tile {block_k}{", one-term" if args.one_term else ""}\n')
     print("| kernel | warps | stages | registers | spill stack B | STL/LDL | shared KB | programs/SM | wgmma/mma |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, fn, kernel_args, warps, stages in runs:
-        r = compile_kernel(fn, kernel_args, warps, stages)
+        r = compile_kernel(fn, kernel_args, warps, stages, args.arch)
         print(f"| {label} | {warps} | {stages} | {r['regs']} | {r['stack']} | {r['stl']}/{r['ldl']} | "
               f"{r['smem'] / 1024:.0f} | {r['per_sm']} | {r['wgmma']}/{r['mma']} |", flush=True)
 

@@ -39,6 +39,8 @@ VARIANTS = {
     "stored S one term (output kernel)": {"S_stored"},
     "stored Delta one term (output kernel)": {"delta_stored"},
     "W one term": {"W"},
+    "S in W S, stored S (the opt-in settings)": {"S_in_delta", "S_stored"},
+    "S in W S, stored S and W": {"S_in_delta", "S_stored", "W"},
     "all one term (fla's choice)": {"S_in_delta", "delta_in_update", "S_stored", "delta_stored", "W", "P", "U"},
 }
 
@@ -133,6 +135,7 @@ BACKWARD_VARIANTS = {
     "dDelta one term in W^T dDelta": {"ddelta_in_update"},
     "qscale*dO one term in q^T (qscale dO)": {"do_in_update"},
     "dS and dDelta one term": {"dS_in_ddelta", "ddelta_in_update"},
+    "dDelta and W one term": {"ddelta_in_update", "W"},
     "all three one term": {"dS_in_ddelta", "ddelta_in_update", "do_in_update"},
     "all one term, W too": {"dS_in_ddelta", "ddelta_in_update", "do_in_update", "W"},
 }

@@ -1,7 +1,7 @@
 """Check and time one launch configuration of the "triton-split" kernels per process.
 
     python benchmarks/gdn_split_configs.py --label NAME --opts '{"state_bwd_block_v": 32}' [--cases 0,1,2,3]
-        [--shapes 0] [--profile 1]
+        [--shapes 0] [--profile 1] [--barrier N]
 
 Runs the float64 checks of `gdn_gpu.py` (cases by index: 0 grouped values T=1000 vs the token loop,
 1 packed documents with extreme gates, 2 the 7B layer, 3 the 1B layer, 4 64K tokens), then, holding
@@ -15,6 +15,7 @@ process down. `DISABLE_MMA_V3=1` in a process's environment selects mma.sync ins
 from __future__ import annotations
 
 import argparse
+import atexit
 import fcntl
 import json
 import os
@@ -32,6 +33,8 @@ p.add_argument("--label", default="x")
 p.add_argument("--cases", default="0,1,2,3")
 p.add_argument("--profile", type=int, default=1)
 p.add_argument("--shapes", default="0")
+p.add_argument("--barrier", type=int, default=0,
+               help="wait, after the checks, until this many processes (this one included) have finished theirs")
 a = p.parse_args()
 G.DEVICE = "cuda"
 G._DEFAULTS.update(json.loads(a.opts))
@@ -43,6 +46,14 @@ cases_all = [
     ("1B T=4096", dict(batch=2, seq_len=4096, heads=16, value_heads=16, key_dim=128, value_dim=256, with_state=False)),
     ("64K", dict(batch=1, seq_len=65536, heads=4, value_heads=4, key_dim=128, value_dim=256)),
 ]
+
+
+def _mark() -> None:
+    open(f"/tmp/gdn_split_barrier.{a.label}", "w").close()
+
+
+if a.barrier:
+    atexit.register(_mark)
 res = {"label": a.label, "opts": a.opts, "worst": 0.0, "finite": True}
 t0 = time.time()
 for i in map(int, a.cases.split(",")):
@@ -51,6 +62,14 @@ for i in map(int, a.cases.split(",")):
     res["worst"] = max(res["worst"], r["worst"]); res["finite"] &= r["finite"]
     torch.cuda.empty_cache()
 res["check_s"] = round(time.time() - t0, 1)
+# Timing must not overlap other processes' checks: with --barrier N, each process marks its checks
+# done (a process whose checks raise marks on exit) and waits up to 10 minutes for N marks. Remove
+# /tmp/gdn_split_barrier.* before starting a group.
+if a.barrier:
+    _mark()
+    deadline = time.time() + 600
+    while len([f for f in os.listdir("/tmp") if f.startswith("gdn_split_barrier.")]) < a.barrier and time.time() < deadline:
+        time.sleep(0.5)
 with open("/tmp/gpu.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     for si in map(int, a.shapes.split(",")):

@@ -179,26 +179,82 @@ def test_split_launch_settings(monkeypatch):
     assert chunk_split._state_stages(cpu) == 2
     monkeypatch.setattr(chunk_split, "uses_wgmma", lambda device: False)
     assert chunk_split._state_stages(cpu) == 1
-    # 132 SMs off the GPU; forward programs at V tile 16 fit two per SM, everything else one.
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "stages_state", 0)  # the default: by matmul kind
+    assert chunk_split._state_stages(cpu) == 1
+    # mma.sync: two programs per SM, V tile <= 32 (the reverse pass spills kilobytes at 64).
+    assert chunk_split._state_block_v(192, 30, cpu, backward=True) == 32
+    assert chunk_split._state_block_v(192, 8, cpu, backward=False) == 16
+    monkeypatch.setattr(chunk_split, "uses_wgmma", lambda device: True)
+    assert chunk_split._state_stages(cpu) == 2
+    # wgmma, 132 SMs off the GPU; forward programs at V tile 16 fit two per SM, everything else one.
     assert chunk_split._state_block_v(192, 30, cpu, backward=False) == 64  # 7B layer: 360 > 264, 180 > 132
     assert chunk_split._state_block_v(192, 8, cpu, backward=False) == 16  # 96 programs
     assert chunk_split._state_block_v(128, 32, cpu, backward=True) == 32  # 256 > 132, 128 <= 132
     assert chunk_split._state_block_v(32, 1000, cpu, backward=True) == 32  # never above V
+    # One-term products (the default for bf16): forward programs of V tile 32 fit two per SM, and
+    # the chooser never counts more than two.
+    assert chunk_split._state_block_v(192, 30, cpu, backward=False, one_term=True) == 32  # 180 <= 264
+    assert chunk_split._state_block_v(192, 30, cpu, backward=True, one_term=True) == 64
     monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "state_bwd_block_v", 16)
     assert chunk_split._state_block_v(128, 32, cpu, backward=True) == 16
 
 
-def test_split_one_term_state_products_bfloat16(monkeypatch):
-    # The opt-in one-term products in the state passes (bf16 inputs only) stay within the 5e-3 bar;
-    # float32 inputs keep both terms and float32 accuracy.
+@pytest.mark.parametrize("options", [("one_term_state_products",), ("one_term_state_products", "one_term_w")])
+def test_split_one_term_state_products_bfloat16(monkeypatch, options):
+    # The one-term products in the state passes (S in W S and dDelta in W^T dDelta; and W in both)
+    # stay within the 5e-3 bar for bf16 inputs; float32 inputs keep both terms and float32 accuracy.
     from hybridlm.ops.gated_delta_rule.triton import chunk_split
 
+    for option in ("one_term_state_products", "one_term_w", "one_term_output_states"):
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, option, False)
     q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 32, seed=12)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     both = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0, output_final_state=True)[1]
-    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "one_term_state_products", True)
+    for option in options:
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, option, True)
     one = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0, output_final_state=True)[1]
-    assert 1e-7 < _rel(one, both) < 1e-3  # the lo term was dropped, at about its size
+    assert 1e-7 < _rel(one, both) < 1e-3  # the lo terms were dropped, at about their size
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, tol=5e-3)
     assert chunk_split._state_terms(k) == 1 and chunk_split._state_terms(k.float()) == 2
+    assert chunk_split._w_terms(k) == (1 if "one_term_w" in options else 2) and chunk_split._w_terms(k.float()) == 2
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, *_inputs(1, 100, 1, 1, 16, 32, seed=13))
+
+
+def test_split_one_term_output_states_bfloat16(monkeypatch):
+    # The one-term chunk-entry states of the forward (bf16 inputs only): the output kernel reads
+    # only the hi term, o stays within the 5e-3 bar and differs from the two-term o by about bf16
+    # rounding; the backward, which recomputes the states, is unaffected.
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "one_term_output_states", False)
+    q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 32, seed=14)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    both = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0)[0]
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "one_term_output_states", True)
+    one = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0)[0]
+    assert 0 < _rel(one, both) < 5e-3
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, tol=5e-3)
+    assert chunk_split._output_terms(q) == 1 and chunk_split._output_terms(q.float()) == 2
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, *_inputs(1, 100, 1, 1, 16, 32, seed=15))
+
+
+def test_split_one_term_grads_bfloat16(monkeypatch):
+    # The opt-in one-term operands of the gradient kernels (bf16 inputs only): gradients within the
+    # 5e-3 bar and different from the two-term ones by about the dropped terms.
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 32, seed=16)
+    q, k, v = (x.bfloat16().requires_grad_(True) for x in (q, k, v))
+    do = torch.randn(v.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+
+    def grads():
+        o = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0)[0]
+        return torch.autograd.grad(o, (q, k, v), do)
+
+    both = grads()
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "one_term_grads", True)
+    one = grads()
+    for a, b in zip(one, both):
+        assert 0 < _rel(a, b) < 5e-3
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q.detach(), k.detach(), v.detach(), g, beta, h0, tol=5e-3)
+    assert chunk_split._grad_terms(q) == 1 and chunk_split._grad_terms(q.float()) == 2

@@ -39,15 +39,19 @@ class KernelOptions:
     stages_*: software-pipelining depth. The defaults are the fastest settings measured on an H200
     at (1, 8192, 30, 96, 192) (docs/benchmarks.md).
 
-    stages_state must be >= 2 with wgmma (Hopper): Triton 3.6 builds the sequential kernels at one
-    stage so that they read shared memory out of bounds (V tile 16: illegal memory access, caught
-    by compute-sanitizer in `_state_fwd_kernel`'s first matmul) or compute wrong states without a
-    fault (V tile 32); `_state_stages` enforces it.
+    stages_state (0: 2 with wgmma, 1 with mma.sync) must be >= 2 with wgmma (Hopper): Triton 3.6
+    builds the sequential kernels at one stage so that they read shared memory out of bounds (V tile
+    16: illegal memory access, caught by compute-sanitizer in `_state_fwd_kernel`'s first matmul) or
+    compute wrong states without a fault (V tile 32); `_state_stages` enforces it. With mma.sync
+    (before Hopper, or DISABLE_MMA_V3=1) a second stage only adds spills, and the sequential kernels'
+    V tile stays <= 32: at 64 the reverse pass spills 13 KB (offline sm_80 compile,
+    benchmarks/gdn_compile_report.py --arch 80), which made a fwd+bwd at the 7B layer take
+    37.5 ms instead of 7.9 (H200 with DISABLE_MMA_V3=1).
     """
 
     state_fwd_block_v: int = 0
     state_bwd_block_v: int = 0
-    stages_state: int = 2
+    stages_state: int = 0
     warps_state: int = 4
     prepare_block_v: int = 64
     stages_prepare: int = 2
@@ -59,11 +63,20 @@ class KernelOptions:
     stages_grad_local: int = 2
     grad_state_block_v: int = 16
     stages_grad_state: int = 2
-    warps_grad: int = 4
-    # Opt-in, for bf16 inputs only, not yet timed or checked on a GPU: one bf16 term instead of two
-    # for S in the forward state pass's W S and for dDelta in the reverse pass's W^T dDelta
-    # (benchmarks/gdn_precision_study.py: outputs unchanged, final state / dh0 within 2e-4 / 7e-4).
-    one_term_state_products: bool = False
+    warps_grad_local: int = 4
+    warps_grad_state: int = 4
+    # One bf16 term instead of two, for bf16 inputs only (float32 and float16 inputs keep both):
+    # S in the forward pass's W S and dDelta in the reverse pass's W^T dDelta; W in both passes; the
+    # chunk-entry states the forward stores for the output kernel. benchmarks/gdn_precision_study.py
+    # chose them (outputs unchanged, final state / dh0 within about 3e-4 / 1e-3); the H200 float64
+    # checks pass at worst 2.4e-3 with all three (1.7e-3 without), and fwd+bwd at the 7B layer takes
+    # 4.45 ms instead of 5.77 (docs/benchmarks.md).
+    one_term_state_products: bool = True
+    one_term_w: bool = True
+    one_term_output_states: bool = True
+    # Opt-in, bf16 inputs only, being measured: one bf16 term of Delta, dDelta, S, dS and the
+    # computed operands in the gradient kernels' matmuls (T keeps two).
+    one_term_grads: bool = False
 
 
 SPLIT_OPTIONS = KernelOptions()
@@ -78,7 +91,9 @@ def uses_wgmma(device: torch.device) -> bool:
 def _state_stages(device: torch.device) -> int:
     """Pipelining depth of the sequential kernels: at least 2 where wgmma is used (KernelOptions)."""
     stages = SPLIT_OPTIONS.stages_state
-    return max(stages, 2) if uses_wgmma(device) else stages
+    if uses_wgmma(device):
+        return max(stages, 2)
+    return stages or 1
 
 
 def _state_terms(k: torch.Tensor) -> int:
@@ -86,9 +101,30 @@ def _state_terms(k: torch.Tensor) -> int:
     return 1 if SPLIT_OPTIONS.one_term_state_products and k.dtype == torch.bfloat16 else 2
 
 
-# Programs of each sequential kernel one SM holds at stages_state = 2 (shared memory: the forward
-# pass at V tile 16 takes 110 KB, every other one 124-193 KB; benchmarks/gdn_compile_report.py).
-def _per_sm(backward: bool, block_v: int) -> int:
+def _w_terms(k: torch.Tensor) -> int:
+    """bf16 terms of W in the state passes."""
+    return 1 if SPLIT_OPTIONS.one_term_w and k.dtype == torch.bfloat16 else 2
+
+
+def _grad_terms(q: torch.Tensor) -> int:
+    """bf16 terms of the float32 operands in the gradient kernels' matmuls."""
+    return 1 if SPLIT_OPTIONS.one_term_grads and q.dtype == torch.bfloat16 else 2
+
+
+def _output_terms(q: torch.Tensor) -> int:
+    """bf16 terms of the chunk-entry states the forward stores for the output kernel."""
+    return 1 if SPLIT_OPTIONS.one_term_output_states and q.dtype == torch.bfloat16 else 2
+
+
+# Programs of each sequential kernel one SM holds (benchmarks/gdn_compile_report.py, Triton 3.6,
+# K tile 128): with wgmma at 2 stages, by shared memory: one-term products (bf16 inputs) forward
+# 74 / 84 / 104 KB at V tiles 16 / 32 / 64, reverse 112 / 128 / 160 KB; two terms forward 110 KB
+# at V tile 16, everything else 124-193 KB. With mma.sync at one stage, registers allow two.
+def _per_sm(backward: bool, block_v: int, wgmma: bool, one_term: bool) -> int:
+    if not wgmma:
+        return 2
+    if one_term:
+        return {16: 2, 32: 1, 64: 1}[block_v] if backward else {16: 3, 32: 2, 64: 2}[block_v]
     return 2 if not backward and block_v == 16 else 1
 
 
@@ -99,17 +135,21 @@ def _block_k(key_dim: int) -> int:
     return block_k
 
 
-def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device, backward: bool) -> int:
+def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device, backward: bool,
+                   one_term: bool = False) -> int:
     """V tile of a sequential kernel, which runs one program per (sequence, value head, V tile)
     through all the chunks: the smallest tile (more, shorter programs hide more latency) whose
-    programs all run at once, else the largest (fewest waves)."""
+    programs all run at once at no more than two per SM (three forward programs of V tile 16 per SM
+    measured slower than two of 32 at the 7B layer), else the largest (fewest waves)."""
     option = SPLIT_OPTIONS.state_bwd_block_v if backward else SPLIT_OPTIONS.state_fwd_block_v
     if option:
         return option
-    largest = min(64, max(16, triton.next_power_of_2(value_dim)))
+    wgmma = uses_wgmma(device)
+    largest = min(64 if wgmma else 32, max(16, triton.next_power_of_2(value_dim)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     block_v = 16
-    while block_v < largest and programs_per_tile * triton.cdiv(value_dim, block_v) > sms * _per_sm(backward, block_v):
+    while block_v < largest and (programs_per_tile * triton.cdiv(value_dim, block_v)
+                                 > sms * min(2, _per_sm(backward, block_v, wgmma, one_term))):
         block_v *= 2
     return block_v
 
@@ -118,9 +158,10 @@ def _v_tile(option: int, value_dim: int) -> int:
     return min(option, max(16, triton.next_power_of_2(value_dim)))
 
 
-def _split_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    """[2, *shape] bf16: the hi and lo halves of a float32 buffer stored as a two-term bf16 split."""
-    return like.new_empty(2, *shape, dtype=torch.bfloat16)
+def _split_buffer(like: torch.Tensor, *shape: int, terms: int = 2) -> torch.Tensor:
+    """[2, *shape] bf16: the hi and lo halves of a float32 buffer stored as a two-term bf16 split
+    ([1, *shape]: the hi half only)."""
+    return like.new_empty(terms, *shape, dtype=torch.bfloat16)
 
 
 def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int):
@@ -128,7 +169,7 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
     ntok, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[1], v.shape[2]
     backward = do is not None
-    w = _split_buffer(q, ntok, value_heads, key_dim)
+    w = _split_buffer(q, ntok, value_heads, key_dim, terms=_w_terms(k))
     u = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)
     kscale = q.new_empty(ntok, value_heads, dtype=torch.float32)
     qscale = torch.empty_like(kscale) if backward else None
@@ -136,33 +177,35 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
     dvl = torch.empty_like(u) if backward else None
     kernels._prepare_kernel[(layout.num_slots, value_heads)](
         q, k, v, g, beta, do,
-        w[0], w[1], u, kscale, qscale,
+        w[0], w[-1], u, kscale, qscale,
         None if tmat is None else tmat[0], None if tmat is None else tmat[1], dvl,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
         scale, heads, value_heads, key_dim, value_dim,
         BT=CHUNK, LOG2_BT=6, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.prepare_block_v, value_dim), NORM=norm, BACKWARD=backward,
-        num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
+        W_TERMS=w.shape[0], num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
     )
     return w, u, kscale, qscale, tmat, dvl
 
 
-def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k):
-    """Chunk-entry states [2, NCHUNK, HV, K, V] and Delta [2, NTOK, HV, V] (split), final state."""
+def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_terms=2):
+    """Chunk-entry states [state_terms, NCHUNK, HV, K, V] and Delta [2, NTOK, HV, V] (split), final state."""
     ntok, value_heads, key_dim = w.shape[1:]
     value_dim = u.shape[2]
-    states = _split_buffer(w, layout.num_slots, value_heads, key_dim, value_dim)  # num_slots >= chunks
+    # num_slots >= chunks
+    states = _split_buffer(w, layout.num_slots, value_heads, key_dim, value_dim, terms=state_terms)
     vnew = _split_buffer(w, ntok, value_heads, value_dim)
-    state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, k.device, backward=False)
+    state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, k.device, backward=False,
+                             one_term=_state_terms(k) == 1 and w.shape[0] == 1)
     final = None
     if output_final_state:
         final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_fwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
-        k, w[0], w[1], u, g, kscale, initial_state, states[0], states[1], vnew[0], vnew[1], final,
+        k, w[0], w[-1], u, g, kscale, initial_state, states[0], states[-1], vnew[0], vnew[1], final,
         layout.cu_seqlens, layout.chunk_offsets,
         k.shape[1], value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state, S_TERMS=_state_terms(k),
-        num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
+        STORE_S_LO=state_terms == 2, W_TERMS=w.shape[0], num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
     return states, vnew, final
 
@@ -173,14 +216,16 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout:
     value_heads, value_dim = v.shape[1], v.shape[2]
     block_k = _block_k(key_dim)
     w, u, kscale, _, _, _ = _prepare(q, k, v, g, beta, None, scale, layout, norm, block_k)
-    states, vnew, final = _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k)
+    out_terms = _output_terms(q)
+    states, vnew, final = _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k,
+                                         state_terms=out_terms)
     del w, u, kscale
     o = torch.empty_like(v, dtype=q.dtype)
     kernels._output_kernel[(layout.num_slots, value_heads)](
-        q, k, g, states[0], states[1], vnew[0], vnew[1], o,
+        q, k, g, states[0], states[-1], vnew[0], vnew[1], o,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
         scale, heads, value_heads, key_dim, value_dim,
-        BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.output_block_v, value_dim), NORM=norm,
+        BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.output_block_v, value_dim), NORM=norm, OUT_TERMS=out_terms,
         num_warps=SPLIT_OPTIONS.warps_output, num_stages=SPLIT_OPTIONS.stages_output,
     )
     return o, final
@@ -193,7 +238,8 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     block_k = _block_k(key_dim)
     w, u, kscale, qscale, tmat, dvl = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
     states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k)
-    state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, q.device, backward=True)
+    state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, q.device, backward=True,
+                             one_term=_state_terms(k) == 1 and w.shape[0] == 1)
     del u
     dstates = torch.empty_like(states)
     dvnew = torch.empty_like(vnew)
@@ -201,11 +247,11 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     if initial_state is not None:
         dh0 = q.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
-        q, k, w[0], w[1], g, kscale, qscale, do, dvl, dht, dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
+        q, k, w[0], w[-1], g, kscale, qscale, do, dvl, dht, dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
         layout.cu_seqlens, layout.chunk_offsets,
         heads, value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=state_v,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k),
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k), W_TERMS=w.shape[0],
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
     )
     del w, kscale, qscale, dvl
@@ -225,7 +271,8 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
         scale, heads, value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_local_block_v, value_dim), NORM=norm,
-        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad_local,
+        TERMS=_grad_terms(q),
+        num_warps=SPLIT_OPTIONS.warps_grad_local, num_stages=SPLIT_OPTIONS.stages_grad_local,
     )
     del scratch, tmat, dvnew
     kernels._grad_state_kernel[grid](
@@ -235,7 +282,8 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
         scale, heads, value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_state_block_v, value_dim), NORM=norm,
-        num_warps=SPLIT_OPTIONS.warps_grad, num_stages=SPLIT_OPTIONS.stages_grad_state,
+        TERMS=_grad_terms(q),
+        num_warps=SPLIT_OPTIONS.warps_grad_state, num_stages=SPLIT_OPTIONS.stages_grad_state,
     )
     del states, dstates, vnew, dvb
     dq = torch.empty_like(q)

@@ -126,6 +126,15 @@ def _mm_rr(a, b, acc):
 
 
 @triton.jit
+def _mm_sr_t(ah, al, b, acc, TERMS: tl.constexpr):
+    """acc + (ah + al) @ b for a raw bf16 tile b; TERMS = 1 uses ah only."""
+    acc = _dot(ah, b, acc)
+    if TERMS == 2:
+        acc = _dot(al, b, acc)
+    return acc
+
+
+@triton.jit
 def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
     """(I + A)^-1 for a strictly lower triangular A [BT, BT] (float32), by doubling the block size.
 
@@ -219,9 +228,9 @@ def _prepare_kernel(
     cu_seqlens, chunk_seq, chunk_local,
     scale, H, HV, K, V,
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM: tl.constexpr, BACKWARD: tl.constexpr,
+    NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2,
 ):
-    """Per (chunk slot, value head): W (split), U, kscale = r_k e^(gamma_C - gamma); in BACKWARD
+    """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U, kscale = r_k e^(gamma_C - gamma); in BACKWARD
     mode also T (split), qscale = scale r_q e^gamma and P^T dO.
 
     w_hi, w_lo: [NTOK, HV, K] bf16; u, dvl: [NTOK, HV, V] float32; kscale, qscale: [NTOK, HV]
@@ -252,7 +261,11 @@ def _prepare_kernel(
 
     hk = (t0 * HV + hv) * K
     th, tl_ = _split(T * (bv * tl.exp(gam) * rk)[None, :])
-    _store_split(w_hi, w_lo, hk, HV * K, n, K, _mm_sr(th, tl_, kx, tl.zeros([BT, BK], dtype=tl.float32)), BT, BK)
+    wx = _mm_sr(th, tl_, kx, tl.zeros([BT, BK], dtype=tl.float32))
+    if W_TERMS == 1:
+        _store(w_hi + hk, HV * K, n, K, wx, BT, BK)
+    else:
+        _store_split(w_hi, w_lo, hk, HV * K, n, K, wx, BT, BK)
     tl.store(kscale + t0 * HV + hv + o_t * HV, rk * tl.exp(gam_last - gam), mask=o_t < n)
     th, tl_ = _split(T * bv[None, :])
 
@@ -283,7 +296,8 @@ def _state_fwd_kernel(
     cu_seqlens, chunk_offsets,
     H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2, STORE_S_LO: tl.constexpr = True,
+    W_TERMS: tl.constexpr = 2,
 ):
     """Per (sequence, value head, V tile): the sequential pass over the sequence's chunks.
 
@@ -291,7 +305,9 @@ def _state_fwd_kernel(
     Delta = U - W S in d_hi/d_lo ([NTOK, HV, V] bf16, split); then
     S <- e^gamma_C S + k^T (kscale * Delta). h0 / ht: [N, HV, K, V] float32 initial / final states.
     S_TERMS = 1 uses only S's hi term in W S (one matmul less per step; final state within about
-    2e-4 instead of 4e-6 with bf16 inputs: benchmarks/gdn_precision_study.py).
+    2e-4 instead of 4e-6 with bf16 inputs: benchmarks/gdn_precision_study.py). STORE_S_LO = False
+    stores only the hi term of S (for an output kernel at OUT_TERMS = 1; s_lo is not written).
+    W_TERMS = 1 reads only W's hi term (w_lo is not read).
     """
     n = tl.program_id(0)
     hv = tl.program_id(1)
@@ -312,21 +328,23 @@ def _state_fwd_kernel(
         sh, sl = _split(S)
         s_off = ((c0 + c) * HV + hv) * kv + iv * BV
         _store(s_hi + s_off, V, K, cols, sh, BK, BV)
-        _store(s_lo + s_off, V, K, cols, sl, BK, BV)
+        if STORE_S_LO:
+            _store(s_lo + s_off, V, K, cols, sl, BK, BV)
         t0 = bos + c * BT
         rows = tl.minimum(eos - t0, BT).to(tl.int32)
         hk = (t0 * HV + hv) * K
         hvv = (t0 * HV + hv) * V + iv * BV
         wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
-        wl = _load(w_lo + hk, HV * K, rows, K, BT, BK)
         kx = _load(k + (t0 * H + h) * K, H * K, rows, K, BT, BK)
         ux = _load(u + hvv, HV * V, rows, cols, BT, BV)
         ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
         gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
-        if S_TERMS == 1:
-            delta = ux - _dot(wl, sh, _dot(wh, sh, tl.zeros([BT, BV], dtype=tl.float32)))
-        else:
-            delta = ux - _mm_ss(wh, wl, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
+        ws = _dot(wh, sh, tl.zeros([BT, BV], dtype=tl.float32))
+        if W_TERMS == 2:
+            ws = _dot(_load(w_lo + hk, HV * K, rows, K, BT, BK), sh, ws)
+        if S_TERMS == 2:
+            ws = _dot(wh, sl, ws)
+        delta = ux - ws
         _store_split(d_hi, d_lo, hvv, HV * V, rows, cols, delta, BT, BV)
         dh, dl = _split(delta * ks[:, None])
         S = _mm_rs(tl.trans(kx), dh, dl, S * tl.exp(gam_last))
@@ -340,9 +358,13 @@ def _output_kernel(
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
     scale, H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, OUT_TERMS: tl.constexpr = 2,
 ):
-    """Per (chunk slot, value head): O = (scale r_q e^gamma) * (q S) + P Delta."""
+    """Per (chunk slot, value head): O = (scale r_q e^gamma) * (q S) + P Delta.
+
+    OUT_TERMS = 1 (bf16 q only) reads only S's hi term: one matmul less per V tile and half the
+    state reads; o stays at its bf16 rounding (benchmarks/gdn_precision_study.py).
+    """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
     seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
@@ -368,10 +390,13 @@ def _output_kernel(
     for iv in range(0, tl.cdiv(V, BV)):
         cols = V - iv * BV
         sh = _load(s_hi + s_base + iv * BV, V, K, cols, BK, BV)
-        sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
         dh = _load(d_hi + hvv + iv * BV, HV * V, n, cols, BT, BV)
         dl = _load(d_lo + hvv + iv * BV, HV * V, n, cols, BT, BV)
-        out = qs[:, None] * _mm_rs(qx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
+        if OUT_TERMS == 1:
+            out = qs[:, None] * _dot(qx, sh, tl.zeros([BT, BV], dtype=tl.float32))
+        else:
+            sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
+            out = qs[:, None] * _mm_rs(qx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
         out = _mm_ss(ph, pl, dh, dl, out)
         _store(o + hvv + iv * BV, HV * V, n, cols, out, BT, BV)
 
@@ -382,7 +407,7 @@ def _state_bwd_kernel(
     cu_seqlens, chunk_offsets,
     H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DD_TERMS: tl.constexpr = 2,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DD_TERMS: tl.constexpr = 2, W_TERMS: tl.constexpr = 2,
 ):
     """Per (sequence, value head, V tile): the reverse pass over chunks.
 
@@ -419,7 +444,6 @@ def _state_bwd_kernel(
         kx = _load(k + qk, H * K, rows, K, BT, BK)
         qx = _load(q + qk, H * K, rows, K, BT, BK)
         wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
-        wl = _load(w_lo + hk, HV * K, rows, K, BT, BK)
         dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
         local = _load(dvl + hvv, HV * V, rows, cols, BT, BV)
         ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
@@ -429,11 +453,13 @@ def _state_bwd_kernel(
         _store_split(dd_hi, dd_lo, hvv, HV * V, rows, cols, ddelta, BT, BV)
         oh, ol = _split(dox * qs[:, None])
         dS = _mm_rs(tl.trans(qx), oh, ol, dS * tl.exp(gam_last))
+        # W^T dDelta; DD_TERMS / W_TERMS = 1 drop dDelta's / W's lo term (dh0 within about 1e-3).
         ddh, ddl = _split(-ddelta)
-        if DD_TERMS == 1:  # only dDelta's hi term in W^T dDelta (dh0 within about 7e-4)
-            dS = _dot(tl.trans(wl), ddh, _dot(tl.trans(wh), ddh, dS))
-        else:
-            dS = _mm_ss(tl.trans(wh), tl.trans(wl), ddh, ddl, dS)
+        dS = _dot(tl.trans(wh), ddh, dS)
+        if W_TERMS == 2:
+            dS = _dot(tl.trans(_load(w_lo + hk, HV * K, rows, K, BT, BK)), ddh, dS)
+        if DD_TERMS == 2:
+            dS = _dot(tl.trans(wh), ddl, dS)
     if STORE_DH0:
         _store(dh0 + (n * HV + hv) * kv + iv * BV, V, K, cols, dS, BK, BV)
 
@@ -445,7 +471,7 @@ def _grad_local_kernel(
     cu_seqlens, chunk_seq, chunk_local,
     scale, H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, TERMS: tl.constexpr = 2,
 ):
     """Per (chunk slot, value head), the gradients within the chunk (first of two kernels).
 
@@ -459,7 +485,8 @@ def _grad_local_kernel(
 
     of the gradients of the normalised q and k ([NTOK, HV, K] float32), and the parts of dbeta and
     dgamma (the gradient of the within-chunk cumsum gamma) these give. scratch: [slots, HV, BT, BT]
-    float32, to transpose dPm and dM.
+    float32, to transpose dPm and dM. TERMS = 1 (bf16 inputs only) takes one bf16 term of Delta,
+    dDelta, dVb, dPm and dM in their matmuls (T keeps two); d_lo and dd_lo are not read.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -485,18 +512,25 @@ def _grad_local_kernel(
         cols = V - iv * BV
         base = hvv + iv * BV
         dh = _load(d_hi + base, HV * V, n, cols, BT, BV)
-        dl = _load(d_lo + base, HV * V, n, cols, BT, BV)
         ddh = _load(dd_hi + base, HV * V, n, cols, BT, BV)
-        ddl = _load(dd_lo + base, HV * V, n, cols, BT, BV)
         dox = _load(do + base, HV * V, n, cols, BT, BV)
         vx = _load(v + base, HV * V, n, cols, BT, BV)
-        dvb = _mm_ss(tth, ttl, ddh, ddl, tl.zeros([BT, BV], dtype=tl.float32))
+        if TERMS == 1:
+            dvb = _dot(ttl, ddh, _dot(tth, ddh, tl.zeros([BT, BV], dtype=tl.float32)))
+        else:
+            ddl = _load(dd_lo + base, HV * V, n, cols, BT, BV)
+            dvb = _mm_ss(tth, ttl, ddh, ddl, tl.zeros([BT, BV], dtype=tl.float32))
         _store(dv + base, HV * V, n, cols, dvb * bv[:, None], BT, BV)
         _store(dvb_out + base, HV * V, n, cols, dvb, BT, BV)
         dbeta_acc += tl.sum(dvb * vx.to(tl.float32), 1)
-        acc_p = _mm_rs(dox, tl.trans(dh), tl.trans(dl), acc_p)
-        vbh, vbl = _split(dvb)
-        acc_a = _mm_ss(vbh, vbl, tl.trans(dh), tl.trans(dl), acc_a)
+        if TERMS == 1:
+            acc_p = _dot(dox, tl.trans(dh), acc_p)
+            acc_a = _dot(_bf16(dvb), tl.trans(dh), acc_a)
+        else:
+            dl = _load(d_lo + base, HV * V, n, cols, BT, BV)
+            acc_p = _mm_rs(dox, tl.trans(dh), tl.trans(dl), acc_p)
+            vbh, vbl = _split(dvb)
+            acc_a = _mm_ss(vbh, vbl, tl.trans(dh), tl.trans(dl), acc_a)
 
     qk_base = (t0 * H + h) * K
     hk = (t0 * HV + hv) * K
@@ -511,11 +545,11 @@ def _grad_local_kernel(
     tile = scratch + (slot.to(tl.int64) * HV + hv) * BT * BT
     tl.store(tile + ii * BT + jj, dPm)
     ph, pl = _split(dPm * (scale * rk)[None, :])
-    _store(dq_part + hk, HV * K, n, K, _mm_sr(ph, pl, kx, tl.zeros([BT, BK], dtype=tl.float32)), BT, BK)
+    _store(dq_part + hk, HV * K, n, K, _mm_sr_t(ph, pl, kx, tl.zeros([BT, BK], dtype=tl.float32), TERMS), BT, BK)
     tl.debug_barrier()
     ph, pl = _split(tl.load(tile + jj * BT + ii) * (rq * scale)[None, :])
     tl.debug_barrier()
-    dK = _mm_sr(ph, pl, qx, tl.zeros([BT, BK], dtype=tl.float32))
+    dK = _mm_sr_t(ph, pl, qx, tl.zeros([BT, BK], dtype=tl.float32), TERMS)
 
     dAd = -acc_a * tl.where(ii > jj, decay_incl, 0.0)
     kk = _mm_rr(kx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32)) * (rk[:, None] * rk[None, :])
@@ -525,7 +559,7 @@ def _grad_local_kernel(
     tl.store(tile + ii * BT + jj, dM)
     tl.debug_barrier()
     mh, ml = _split((dM + tl.load(tile + jj * BT + ii)) * rk[None, :])
-    _store(dk_part + hk, HV * K, n, K, _mm_sr(mh, ml, kx, dK), BT, BK)
+    _store(dk_part + hk, HV * K, n, K, _mm_sr_t(mh, ml, kx, dK, TERMS), BT, BK)
     tl.store(dbeta_part + t0 * HV + hv + o_t * HV, dbeta_acc, mask=o_t < n)
     tl.store(dgam_part + t0 * HV + hv + o_t * HV, tl.sum(E, 1) - tl.sum(E, 0), mask=o_t < n)
 
@@ -538,7 +572,7 @@ def _grad_state_kernel(
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
     scale, H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, TERMS: tl.constexpr = 2,
 ):
     """Per (chunk slot, value head), the gradients through the states (second of two), and the sums.
 
@@ -554,7 +588,8 @@ def _grad_state_kernel(
     `_qk_norm_bwd_kernel` goes back through the norms), dbeta, and dg = the reverse within-chunk
     cumsum of dgamma. The row sums the gate and beta gradients need: <dO_i, (q S)_i> = <q_i, dQd_i>
     from dQd after the loop (dQd is accumulated unscaled, so no division by a decay), the others from
-    the products k S and k dS' inside the loop.
+    the products k S and k dS' inside the loop. TERMS = 1 (bf16 inputs only) takes one bf16 term of
+    S, dS', Delta and the computed operands in the matmuls (s_lo, ds_lo and d_lo are not read).
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -585,23 +620,31 @@ def _grad_state_kernel(
     hvv = (t0 * HV + hv) * V
     for iv in range(0, tl.cdiv(V, BV)):
         cols = V - iv * BV
-        sh = _load(s_hi + s_base + iv * BV, V, K, cols, BK, BV)
-        sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
-        dsh = _load(ds_hi + s_base + iv * BV, V, K, cols, BK, BV)
-        dsl = _load(ds_lo + s_base + iv * BV, V, K, cols, BK, BV)
         base = hvv + iv * BV
-        delta = _load(d_hi + base, HV * V, n, cols, BT, BV).to(tl.float32) + _load(d_lo + base, HV * V, n, cols, BT, BV).to(tl.float32)
+        sh = _load(s_hi + s_base + iv * BV, V, K, cols, BK, BV)
+        dsh = _load(ds_hi + s_base + iv * BV, V, K, cols, BK, BV)
+        delta = _load(d_hi + base, HV * V, n, cols, BT, BV).to(tl.float32)
         dvb = _load(dvb_in + base, HV * V, n, cols, BT, BV)
         dox = _load(do + base, HV * V, n, cols, BT, BV)
-
-        acc_q = _mm_rs(dox, tl.trans(sh), tl.trans(sl), acc_q)
-        ah, al = _split(delta * to_end[:, None])
-        acc_z = _mm_ss(ah, al, tl.trans(dsh), tl.trans(dsl), acc_z)
-        ah, al = _split(dvb * (-bek)[:, None])
-        acc_z = _mm_ss(ah, al, tl.trans(sh), tl.trans(sl), acc_z)
-        r_kd += tl.sum(delta * _mm_rs(kx, dsh, dsl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
-        r_kb += tl.sum(dvb * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
-        state_dot += tl.sum((sh.to(tl.float32) + sl.to(tl.float32)) * (dsh.to(tl.float32) + dsl.to(tl.float32)), 1)
+        if TERMS == 1:
+            acc_q = _dot(dox, tl.trans(sh), acc_q)
+            acc_z = _dot(_bf16(delta * to_end[:, None]), tl.trans(dsh), acc_z)
+            acc_z = _dot(_bf16(dvb * (-bek)[:, None]), tl.trans(sh), acc_z)
+            r_kd += tl.sum(delta * _dot(kx, dsh, tl.zeros([BT, BV], dtype=tl.float32)), 1)
+            r_kb += tl.sum(dvb * _dot(kx, sh, tl.zeros([BT, BV], dtype=tl.float32)), 1)
+            state_dot += tl.sum(sh.to(tl.float32) * dsh.to(tl.float32), 1)
+        else:
+            sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
+            dsl = _load(ds_lo + s_base + iv * BV, V, K, cols, BK, BV)
+            delta += _load(d_lo + base, HV * V, n, cols, BT, BV).to(tl.float32)
+            acc_q = _mm_rs(dox, tl.trans(sh), tl.trans(sl), acc_q)
+            ah, al = _split(delta * to_end[:, None])
+            acc_z = _mm_ss(ah, al, tl.trans(dsh), tl.trans(dsl), acc_z)
+            ah, al = _split(dvb * (-bek)[:, None])
+            acc_z = _mm_ss(ah, al, tl.trans(sh), tl.trans(sl), acc_z)
+            r_kd += tl.sum(delta * _mm_rs(kx, dsh, dsl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
+            r_kb += tl.sum(dvb * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
+            state_dot += tl.sum((sh.to(tl.float32) + sl.to(tl.float32)) * (dsh.to(tl.float32) + dsl.to(tl.float32)), 1)
 
     r_q = tl.sum(qx.to(tl.float32) * acc_q, 1)  # <q_i, dQd_i> = <dO_i, (q S)_i>
     acc_q = _load(dq_part + hk, HV * K, n, K, BT, BK) + (scale * eg)[:, None] * acc_q
