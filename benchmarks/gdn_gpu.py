@@ -86,8 +86,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def make_inputs(batch, seq_len, heads, key_dim, value_dim, *, value_heads=None, gates="model", seed=0, device=None):
-    """bf16 q, k, v; float32 g, beta as the layer produces them; float32 initial state."""
+def make_inputs(batch, seq_len, heads, key_dim, value_dim, *, value_heads=None, gates="model", seed=0, device=None,
+                dtype=torch.bfloat16):
+    """q, k, v in dtype (bf16 by default); float32 g, beta as the layer produces them."""
     value_heads = value_heads or heads
     device = device or DEVICE
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -95,9 +96,9 @@ def make_inputs(batch, seq_len, heads, key_dim, value_dim, *, value_heads=None, 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device)
 
-    q = randn(batch, seq_len, heads, key_dim).bfloat16()
-    k = randn(batch, seq_len, heads, key_dim).bfloat16()
-    v = randn(batch, seq_len, value_heads, value_dim).bfloat16()
+    q = randn(batch, seq_len, heads, key_dim).to(dtype)
+    k = randn(batch, seq_len, heads, key_dim).to(dtype)
+    v = randn(batch, seq_len, value_heads, value_dim).to(dtype)
     if gates == "model":  # g = -exp(A_log) softplus(a + dt_bias), A in (0, 16)
         a_rate = torch.rand(value_heads, generator=gen, device=device) * 16
         g = -a_rate * F.softplus(randn(batch, seq_len, value_heads) - 4.0)
@@ -111,14 +112,15 @@ def make_inputs(batch, seq_len, heads, key_dim, value_dim, *, value_heads=None, 
 
 
 def check_case(name, batch, seq_len, heads, value_heads, key_dim, value_dim, *, gates="model", cu=None,
-               with_state=True, reference="chunk", grads=True):
+               with_state=True, reference="chunk", grads=True, dtype=torch.bfloat16):
     device = DEVICE
-    q, k, v, g, beta = make_inputs(batch, seq_len, heads, key_dim, value_dim, value_heads=value_heads, gates=gates)
+    q, k, v, g, beta = make_inputs(batch, seq_len, heads, key_dim, value_dim, value_heads=value_heads, gates=gates,
+                                   dtype=dtype)
     cu_seqlens = None if cu is None else torch.tensor(cu, device=device, dtype=torch.int64)
     num_seqs = batch if cu is None else len(cu) - 1
     gen = torch.Generator(device=device).manual_seed(1)
     h0 = torch.randn(num_seqs, value_heads, key_dim, value_dim, generator=gen, device=device) if with_state else None
-    do = torch.randn(v.shape, generator=gen, device=device).bfloat16()
+    do = torch.randn(v.shape, generator=gen, device=device).to(dtype)
     dht = torch.randn(num_seqs, value_heads, key_dim, value_dim, generator=gen, device=device)
     leaves = [q, k, v, g, beta] + ([h0] if with_state else [])
     names = ["dq", "dk", "dv", "dg", "dbeta"] + (["dh0"] if with_state else [])
@@ -196,6 +198,9 @@ def run_checks(quick: bool) -> dict:
             ("7B shape T=8191", dict(batch=1, seq_len=8191, heads=30, value_heads=30, key_dim=96, value_dim=192)),
             ("1B shape T=4096", dict(batch=2, seq_len=4096, heads=16, value_heads=16, key_dim=128, value_dim=256, with_state=False)),
             ("64K tokens", dict(batch=1, seq_len=65536, heads=4, value_heads=4, key_dim=128, value_dim=256)),
+            # float32 inputs (a float32 model): every operand split, the one-term shortcuts off.
+            ("float32 inputs, docs", dict(batch=1, seq_len=1000, heads=2, value_heads=4, key_dim=96, value_dim=192,
+                                          cu=[0, 300, 1000], dtype=torch.float32)),
         ]
         if quick:
             cases = [cases[0], cases[1], cases[4]]

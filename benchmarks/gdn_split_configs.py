@@ -4,7 +4,8 @@
         [--shapes 0] [--profile 1] [--barrier N]
 
 Runs the float64 checks of `gdn_gpu.py` (cases by index: 0 grouped values T=1000 vs the token loop,
-1 packed documents with extreme gates, 2 the 7B layer, 3 the 1B layer, 4 64K tokens), then, holding
+1 packed documents with extreme gates, 2 the 7B layer, 3 the 1B layer, 4 64K tokens, 5 float32
+inputs with documents), then, holding
 /tmp/gpu.lock so that concurrent processes time one at a time, forward and forward+backward at the
 issue's shapes (indices into gdn_gpu.ISSUE_SHAPES) and a per-kernel profile at the first; prints one
 SUMMARY line of JSON. Start several in the background, one per configuration: they compile and
@@ -45,6 +46,8 @@ cases_all = [
     ("7B T=8191", dict(batch=1, seq_len=8191, heads=30, value_heads=30, key_dim=96, value_dim=192)),
     ("1B T=4096", dict(batch=2, seq_len=4096, heads=16, value_heads=16, key_dim=128, value_dim=256, with_state=False)),
     ("64K", dict(batch=1, seq_len=65536, heads=4, value_heads=4, key_dim=128, value_dim=256)),
+    ("fp32 docs", dict(batch=1, seq_len=1000, heads=2, value_heads=4, key_dim=96, value_dim=192, cu=[0, 300, 1000],
+                       dtype=torch.float32)),
 ]
 
 

@@ -60,6 +60,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     @triton.jit
     def _dot(a, b, acc):
+        # The GPU compiler refuses operands of different dtypes; so must the CPU tests.
+        tl.static_assert(a.dtype == b.dtype, "tl.dot operands must have the same dtype")
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
 
 else:
@@ -127,10 +129,11 @@ def _mm_rr(a, b, acc):
 
 @triton.jit
 def _mm_sr_t(ah, al, b, acc, TERMS: tl.constexpr):
-    """acc + (ah + al) @ b for a raw bf16 tile b; TERMS = 1 uses ah only."""
-    acc = _dot(ah, b, acc)
-    if TERMS == 2:
-        acc = _dot(al, b, acc)
+    """acc + (ah + al) @ b for a raw input tile b; TERMS = 1 (bf16 b only) uses ah only."""
+    if TERMS == 1:
+        acc = _dot(ah, b, acc)
+    else:
+        acc = _mm_sr(ah, al, b, acc)
     return acc
 
 
