@@ -2,9 +2,11 @@
 
     python benchmarks/gdn_precision_study.py [--cases 0,1,2,3] [--threads 2]
 
-The "triton-split" kernels carry every float32 matmul operand as two bf16 terms (hi + lo), which
-costs two or three bf16 matmuls per product. In the forward state pass, the sequential part of the
-forward (and of the backward's recomputation), each chunk step does
+The "triton-split" kernels carry float32 matmul operands as two bf16 terms (hi + lo), which costs
+two or three bf16 matmuls per product; for bf16 inputs, the ones this study found safe (S and W in
+W S, dDelta and W in W^T dDelta, the stored states) take one term by default (`KernelOptions`).
+In the forward state pass, the sequential part of the forward (and of the backward's
+recomputation), each chunk step does
 
     Delta = U - W S          (W, S both split: 3 matmuls)
     S <- e^gamma_C S + K^T (kscale * Delta)      (K raw bf16, kscale * Delta split: 2 matmuls)
@@ -32,15 +34,15 @@ CHUNK = 64
 
 # Which operands lose their lo term (one bf16 term instead of two) in each variant.
 VARIANTS = {
-    "split everywhere (the kernels)": set(),
+    "split everywhere (float32 inputs)": set(),
     "S one term in Delta = U - W S": {"S_in_delta"},
     "kscale*Delta one term in the state update": {"delta_in_update"},
     "both of the above": {"S_in_delta", "delta_in_update"},
     "stored S one term (output kernel)": {"S_stored"},
     "stored Delta one term (output kernel)": {"delta_stored"},
     "W one term": {"W"},
-    "S in W S, stored S (the opt-in settings)": {"S_in_delta", "S_stored"},
-    "S in W S, stored S and W": {"S_in_delta", "S_stored", "W"},
+    "S in W S, stored S": {"S_in_delta", "S_stored"},
+    "S in W S, stored S and W (the kernels' defaults for bf16 inputs)": {"S_in_delta", "S_stored", "W"},
     "all one term (fla's choice)": {"S_in_delta", "delta_in_update", "S_stored", "delta_stored", "W", "P", "U"},
 }
 
@@ -130,12 +132,12 @@ def forward(q, k, v, g, beta, h0, one_term: set[str] | None):
 # with dS the gradient of the state leaving the chunk. Errors of dh0 (dS at the start) and of dDelta
 # (which feeds dv, dq, dk, dbeta and dg) against the unrounded pass.
 BACKWARD_VARIANTS = {
-    "split everywhere (the kernels)": set(),
+    "split everywhere (float32 inputs)": set(),
     "dS one term in k dS": {"dS_in_ddelta"},
     "dDelta one term in W^T dDelta": {"ddelta_in_update"},
     "qscale*dO one term in q^T (qscale dO)": {"do_in_update"},
     "dS and dDelta one term": {"dS_in_ddelta", "ddelta_in_update"},
-    "dDelta and W one term": {"ddelta_in_update", "W"},
+    "dDelta and W one term (the kernels' defaults for bf16 inputs)": {"ddelta_in_update", "W"},
     "all three one term": {"dS_in_ddelta", "ddelta_in_update", "do_in_update"},
     "all one term, W too": {"dS_in_ddelta", "ddelta_in_update", "do_in_update", "W"},
 }
