@@ -74,10 +74,12 @@ def main() -> int:
                 print(rows[-1], flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\nT = {args.seq_len}, 2 rows of packed documents, window 128; {name}, torch {torch.__version__}")
-    print("| preset | blocks | precision | flex vs SDPA: loss | gradients | flex gradients vs eager float32 | pass |")
+    print("| preset | blocks | precision | flex vs SDPA: loss | gradients | flex gradients vs eager float32 "
+          "| pass |")
     print("|---|---|---|---|---|---|---|")
     for preset, label, precision, d_loss, d_grad, d_fp32, passed in rows:
-        print(f"| {preset} | {label} | {precision} | {d_loss:.1e} | {d_grad:.1e} | {d_fp32:.1e} | {'yes' if passed else 'NO'} |")
+        verdict = "yes" if passed else "NO"
+        print(f"| {preset} | {label} | {precision} | {d_loss:.1e} | {d_grad:.1e} | {d_fp32:.1e} | {verdict} |")
     return 0 if ok else 1
 
 

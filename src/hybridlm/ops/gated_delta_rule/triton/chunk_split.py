@@ -76,8 +76,10 @@ class KernelOptions:
     one_term_state_products: bool = True
     one_term_w: bool = True
     one_term_output_states: bool = True
-    # Opt-in, bf16 inputs only, being measured: one bf16 term of Delta, dDelta, S, dS and the
-    # computed operands in the gradient kernels' matmuls (T keeps two).
+    # Opt-in, bf16 inputs only: one bf16 term of Delta, dDelta, S, dS and the computed operands in
+    # the gradient kernels' matmuls (T keeps two). Measured on an H200: fwd+bwd 4.13 instead of
+    # 4.45 ms at the 7B layer, but the float64 checks' worst error rises to 4.1e-3 (dk, dg), too
+    # close to the 5e-3 bar for a default.
     one_term_grads: bool = False
 
 
@@ -111,6 +113,11 @@ def _w_terms(k: torch.Tensor) -> int:
 def _grad_terms(q: torch.Tensor) -> int:
     """bf16 terms of the float32 operands in the gradient kernels' matmuls."""
     return 1 if SPLIT_OPTIONS.one_term_grads and q.dtype == torch.bfloat16 else 2
+
+
+def _one_term_states(k: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the sequential kernels run with one-term products (their shared memory, `_per_sm`)."""
+    return _state_terms(k) == 1 and w.shape[0] == 1
 
 
 def _output_terms(q: torch.Tensor) -> int:
@@ -197,7 +204,7 @@ def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout
     states = _split_buffer(w, layout.num_slots, value_heads, key_dim, value_dim, terms=state_terms)
     vnew = _split_buffer(w, ntok, value_heads, value_dim)
     state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, k.device, backward=False,
-                             one_term=_state_terms(k) == 1 and w.shape[0] == 1)
+                             one_term=_one_term_states(k, w))
     final = None
     if output_final_state:
         final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
@@ -207,7 +214,8 @@ def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout
         k.shape[1], value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state, S_TERMS=_state_terms(k),
-        STORE_S_LO=state_terms == 2, W_TERMS=w.shape[0], num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
+        STORE_S_LO=state_terms == 2, W_TERMS=w.shape[0],
+        num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
     return states, vnew, final
 
@@ -241,7 +249,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     w, u, kscale, qscale, tmat, dvl = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
     states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k)
     state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, q.device, backward=True,
-                             one_term=_state_terms(k) == 1 and w.shape[0] == 1)
+                             one_term=_one_term_states(k, w))
     del u
     dstates = torch.empty_like(states)
     dvnew = torch.empty_like(vnew)

@@ -237,8 +237,9 @@ def _prepare_kernel(
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2,
 ):
-    """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U, kscale = r_k e^(gamma_C - gamma); in BACKWARD
-    mode also T (split), qscale = scale r_q e^gamma and P^T dO.
+    """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
+    kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
+    and P^T dO.
 
     w_hi, w_lo: [NTOK, HV, K] bf16; u, dvl: [NTOK, HV, V] float32; kscale, qscale: [NTOK, HV]
     float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T).
@@ -303,8 +304,8 @@ def _state_fwd_kernel(
     cu_seqlens, chunk_offsets,
     H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2, STORE_S_LO: tl.constexpr = True,
-    W_TERMS: tl.constexpr = 2,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2,
+    STORE_S_LO: tl.constexpr = True, W_TERMS: tl.constexpr = 2,
 ):
     """Per (sequence, value head, V tile): the sequential pass over the sequence's chunks.
 
@@ -523,7 +524,7 @@ def _grad_local_kernel(
         dox = _load(do + base, HV * V, n, cols, BT, BV)
         vx = _load(v + base, HV * V, n, cols, BT, BV)
         if TERMS == 1:
-            dvb = _dot(ttl, ddh, _dot(tth, ddh, tl.zeros([BT, BV], dtype=tl.float32)))
+            dvb = _mm_sr(tth, ttl, ddh, tl.zeros([BT, BV], dtype=tl.float32))
         else:
             ddl = _load(dd_lo + base, HV * V, n, cols, BT, BV)
             dvb = _mm_ss(tth, ttl, ddh, ddl, tl.zeros([BT, BV], dtype=tl.float32))
