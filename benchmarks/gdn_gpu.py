@@ -102,6 +102,8 @@ def make_inputs(batch, seq_len, heads, key_dim, value_dim, *, value_heads=None, 
     if gates == "model":  # g = -exp(A_log) softplus(a + dt_bias), A in (0, 16)
         a_rate = torch.rand(value_heads, generator=gen, device=device) * 16
         g = -a_rate * F.softplus(randn(batch, seq_len, value_heads) - 4.0)
+    elif gates == "none":  # no decay at all: only the delta rule's own overwriting forgets
+        g = torch.zeros(batch, seq_len, value_heads, device=device)
     elif gates == "extreme":  # per-step decays down to exp(-30), every 7th exactly 1
         g = -30.0 * torch.rand(batch, seq_len, value_heads, generator=gen, device=device)
         g[:, ::7] = 0.0
@@ -198,6 +200,8 @@ def run_checks(quick: bool) -> dict:
             ("7B shape T=8191", dict(batch=1, seq_len=8191, heads=30, value_heads=30, key_dim=96, value_dim=192)),
             ("1B shape T=4096", dict(batch=2, seq_len=4096, heads=16, value_heads=16, key_dim=128, value_dim=256, with_state=False)),
             ("64K tokens", dict(batch=1, seq_len=65536, heads=4, value_heads=4, key_dim=128, value_dim=256)),
+            # No decay (g = 0): the one-term products' errors accumulate most (gdn_precision_study.py).
+            ("no decay T=4096", dict(batch=1, seq_len=4096, heads=2, value_heads=4, key_dim=96, value_dim=192, gates="none")),
             # float32 inputs (a float32 model): every operand split, the one-term shortcuts off.
             ("float32 inputs, docs", dict(batch=1, seq_len=1000, heads=2, value_heads=4, key_dim=96, value_dim=192,
                                           cu=[0, 300, 1000], dtype=torch.float32)),

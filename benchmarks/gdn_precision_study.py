@@ -1,6 +1,6 @@
 """How much precision the chunked forward's sequential state pass needs: a float64 emulation.
 
-    python benchmarks/gdn_precision_study.py [--cases 0,1,2,3] [--threads 2]
+    python benchmarks/gdn_precision_study.py [--cases 0,1,2,3,4,5] [--threads 2]
 
 The "triton-split" kernels carry float32 matmul operands as two bf16 terms (hi + lo), which costs
 two or three bf16 matmuls per product; for bf16 inputs, the ones this study found safe (S and W in
@@ -51,6 +51,8 @@ CASES = [
     ("T=4096, HV=4, K=128, V=128, extreme gates", dict(seq_len=4096, heads=4, key_dim=128, value_dim=128, gates="extreme")),
     ("T=8192, HV=8, K=96, V=192", dict(seq_len=8192, heads=8, key_dim=96, value_dim=192)),
     ("T=65536, HV=2, K=128, V=256", dict(seq_len=65536, heads=2, key_dim=128, value_dim=256)),
+    ("T=8192, HV=4, K=96, V=192, no decay", dict(seq_len=8192, heads=4, key_dim=96, value_dim=192, gates="none")),
+    ("T=65536, HV=1, K=128, V=256, no decay", dict(seq_len=65536, heads=1, key_dim=128, value_dim=256, gates="none")),
 ]
 
 
@@ -83,6 +85,8 @@ def make_inputs(seq_len, heads, key_dim, value_dim, gates="model", seed=0):
     if gates == "model":
         rate = torch.rand(heads, 1, generator=gen) * 16
         g = -rate * F.softplus(randn(heads, seq_len) - 4.0)
+    elif gates == "none":  # no decay: only the delta rule's own overwriting forgets
+        g = torch.zeros(heads, seq_len)
     else:
         g = -30.0 * torch.rand(heads, seq_len, generator=gen)
         g[:, ::7] = 0.0
@@ -184,7 +188,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="0,1,2,3", help="indices into CASES")
+    parser.add_argument("--cases", default="0,1,2,3,4,5", help="indices into CASES")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@
 
 Runs the float64 checks of `gdn_gpu.py` (cases by index: 0 grouped values T=1000 vs the token loop,
 1 packed documents with extreme gates, 2 the 7B layer, 3 the 1B layer, 4 64K tokens, 5 float32
-inputs with documents), then, holding
+inputs with documents, 6 no decay), then, holding
 /tmp/gpu.lock so that concurrent processes time one at a time, forward and forward+backward at the
 issue's shapes (indices into gdn_gpu.ISSUE_SHAPES) and a per-kernel profile at the first; prints one
 SUMMARY line of JSON. Start several in the background, one per configuration: they compile and
@@ -48,6 +48,7 @@ cases_all = [
     ("64K", dict(batch=1, seq_len=65536, heads=4, value_heads=4, key_dim=128, value_dim=256)),
     ("fp32 docs", dict(batch=1, seq_len=1000, heads=2, value_heads=4, key_dim=96, value_dim=192, cu=[0, 300, 1000],
                        dtype=torch.float32)),
+    ("no decay", dict(batch=1, seq_len=4096, heads=2, value_heads=4, key_dim=96, value_dim=192, gates="none")),
 ]
 
 
