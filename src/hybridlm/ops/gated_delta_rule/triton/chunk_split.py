@@ -81,9 +81,9 @@ class KernelOptions:
     one_term_w: bool = False
     one_term_output_states: bool = True
     # Opt-in, bf16 inputs only: one bf16 term of Delta, dDelta, S, dS and the computed operands in
-    # the gradient kernels' matmuls (T keeps two). Measured on an H200: fwd+bwd 4.13 instead of
-    # 4.45 ms at the 7B layer, but the float64 checks' worst error rises to 4.1e-3 (dk, dg), too
-    # close to the 5e-3 bar for a default.
+    # the gradient kernels' matmuls (T keeps two). Measured on an H200 with the two options above
+    # on: fwd+bwd 4.13 instead of 4.45 ms at the 7B layer, but the float64 checks' worst error
+    # rises to 4.1e-3 (dk, dg) with the model's gates, too close to the 5e-3 bar for a default.
     one_term_grads: bool = False
 
 
