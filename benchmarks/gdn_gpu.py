@@ -65,6 +65,8 @@ SWEEP = [
     dict(stages_grad_state=1),
     dict(grad_state_block_v=32, stages_grad_state=2),
     dict(one_term_state_products=True),
+    dict(one_term_w=True),
+    dict(one_term_state_products=True, one_term_w=True),  # the fourth session's fastest (opt-in)
 ]
 _DEFAULTS = dict(SPLIT_OPTIONS.__dict__)
 ISSUE_SHAPES = [(1, 8192, 30, 96, 192), (4, 4096, 16, 96, 192), (8, 2048, 16, 128, 128)]
