@@ -104,19 +104,24 @@ def _state_stages(device: torch.device) -> int:
     return stages or 1
 
 
+def _terms(option: str, x: torch.Tensor) -> int:
+    """bf16 terms of the operands a one_term_* option covers: 1 where it is on and x is bf16, else 2."""
+    return 1 if getattr(SPLIT_OPTIONS, option) and x.dtype == torch.bfloat16 else 2
+
+
 def _state_terms(k: torch.Tensor) -> int:
     """bf16 terms of S in W S (forward pass) and of dDelta in W^T dDelta (reverse pass)."""
-    return 1 if SPLIT_OPTIONS.one_term_state_products and k.dtype == torch.bfloat16 else 2
+    return _terms("one_term_state_products", k)
 
 
 def _w_terms(k: torch.Tensor) -> int:
     """bf16 terms of W in the state passes."""
-    return 1 if SPLIT_OPTIONS.one_term_w and k.dtype == torch.bfloat16 else 2
+    return _terms("one_term_w", k)
 
 
 def _grad_terms(q: torch.Tensor) -> int:
     """bf16 terms of the float32 operands in the gradient kernels' matmuls."""
-    return 1 if SPLIT_OPTIONS.one_term_grads and q.dtype == torch.bfloat16 else 2
+    return _terms("one_term_grads", q)
 
 
 def _one_term_states(k: torch.Tensor, w: torch.Tensor) -> bool:
@@ -126,7 +131,7 @@ def _one_term_states(k: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _output_terms(q: torch.Tensor) -> int:
     """bf16 terms of the chunk-entry states the forward stores for the output kernel."""
-    return 1 if SPLIT_OPTIONS.one_term_output_states and q.dtype == torch.bfloat16 else 2
+    return _terms("one_term_output_states", q)
 
 
 # Programs of each sequential kernel one SM holds (benchmarks/gdn_compile_report.py, Triton 3.6,
