@@ -31,16 +31,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "batch, seq_len, cu_seqlens, with_cache, activation",
+    "batch, seq_len, cu_seqlens, with_cache, activation, width",
     [
-        (2, 37, None, False, "silu"),
-        (2, 37, None, True, "silu"),
-        (1, 50, [0, 2, 20, 20, 50], False, "silu"),  # a 2-token and an empty document
-        (1, 50, [0, 2, 20, 20, 50], True, None),
+        (2, 37, None, False, "silu", 4),
+        (2, 37, None, True, "silu", 4),
+        (1, 50, [0, 2, 20, 20, 50], False, "silu", 4),  # a 2-token and an empty document
+        (1, 50, [0, 2, 20, 20, 50], True, None, 4),
+        (2, 150, None, False, "silu", 4),  # several row blocks: the backward's shifted reads cross them
+        (1, 200, [0, 63, 64, 130, 200], True, "silu", 4),  # documents ending at and across block edges
+        (1, 200, [0, 1, 64, 130, 200], True, "silu", 3),  # a width below its power of two
     ],
 )
-def test_causal_conv1d_matches_reference(batch, seq_len, cu_seqlens, with_cache, activation):
-    channels, width = 70, 4  # 70: a partial channel block
+def test_causal_conv1d_matches_reference(batch, seq_len, cu_seqlens, with_cache, activation, width):
+    channels = 70  # a partial channel block
     gen = torch.Generator().manual_seed(seq_len + with_cache)
     x = torch.randn(batch, seq_len, channels, dtype=torch.float64, generator=gen)
     weight = torch.randn(channels, 1, width, dtype=torch.float64, generator=gen)

@@ -166,7 +166,9 @@ class GatedDeltaNet(HasInferenceWeights, nn.Module):
         if derived is not None:  # inference after HybridLM.prepare_for_inference: one matmul, no concat
             mixed, conv_weight = F.linear(x, derived["qkv_proj"]), derived["conv_weight"]
         else:
-            mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            # One matmul over the stacked weights: the conv reads [B, T, C] contiguous, with no
+            # copy of the three projections into it (nor of their gradients out of it).
+            mixed = F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
             conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], dim=0)
         # Gates in float32 (float64 when the model runs in float64, for gradient checks).
         gate_dtype = torch.promote_types(x.dtype, torch.float32)

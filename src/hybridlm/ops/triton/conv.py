@@ -6,8 +6,9 @@ where x_ext is the sequence preceded by its W-1 context inputs (zeros, or the ca
 and with packed documents (`cu_seqlens`) each document starts from its own context.
 
 One kernel pass reads each input W times from cache instead of materialising the padded stream,
-and applies SiLU in registers; the backward recomputes z (no activation saved) and gives dx and
-dweight in one pass. The document of every token comes from cu_seqlens on the device: no host sync.
+and applies SiLU in registers. The backward recomputes z (no activation saved): one pass gives
+dz = dy * silu'(z) (float32) and dweight, a second gives dx from W shifted reads of dz. The
+document of every token comes from cu_seqlens on the device: no host sync.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_T = 64
-BLOCK_C = 64
+# Measured on an H200 (docs/benchmarks.md, short conv): the forward and the dx pass at 32 x 128.
+BLOCK_T = 32
+BLOCK_C = 128
+NUM_WARPS = 4
+# The backward's dz pass: each program sums its dweight products over DZ_ROW_BLOCKS row blocks.
+DZ_BLOCK_T = 16
+DZ_BLOCK_C = 64
+DZ_ROW_BLOCKS = 16
+DZ_NUM_WARPS = 4
 
 
 @triton.jit
@@ -72,43 +80,78 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
-    x, weight, init, dy, dx, dw_partial, seq_idx, cu_seqlens,
+def _load_taps(x, init, rows, start, doc, m_r, cols, m_c, C, W: tl.constexpr, WP: tl.constexpr, HAS_INIT: tl.constexpr):
+    """The W inputs each output row reads, x_ext[rows - (W-1) + j], as [BT, WP, BC] float32 (WP >= W; 0 past W)."""
+    taps = tl.arange(0, WP)
+    src = rows[:, None] - (W - 1) + taps[None, :]  # [BT, WP]
+    inside = src >= start[:, None]
+    m = (m_r[:, None] & (taps < W)[None, :])[:, :, None] & m_c[None, None, :]
+    val = tl.load(x + src[:, :, None] * C + cols[None, None, :], mask=m & inside[:, :, None], other=0.0).to(tl.float32)
+    if HAS_INIT:
+        pos = (W - 1) + (src - start[:, None])
+        ctx = tl.load(
+            init + (doc[:, None, None] * C + cols[None, None, :]) * (W - 1) + pos[:, :, None],
+            mask=m & (src < start[:, None])[:, :, None],
+            other=0.0,
+        ).to(tl.float32)
+        val += ctx
+    return val
+
+
+@triton.jit
+def _conv_dz_kernel(
+    x, weight, init, dy, dz, dw_partial, seq_idx, cu_seqlens,
     num_tokens, seq_len, C,
-    W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
 ):
-    """dx[t] = sum_s weight[W-1-s] dz[t+s] (same document only); dweight[j] = sum_t dz[t] x_ext[t-(W-1)+j].
-
-    dz = dy * silu'(z) with z recomputed; dweight is written per row block ([num_blocks, C, W]) and
-    summed by the caller.
-    """
+    """dz = dy * silu'(z) (z recomputed), stored in float32, and the part of dweight from this
+    program's ROW_BLOCKS row blocks: dweight[c, j] = sum_t dz[t, c] x_ext[t-(W-1)+j, c], written to
+    dw_partial [num_programs, C, W]. The products are summed over rows once, at the end."""
     pid_t = tl.program_id(0)
-    rows = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = cols < C
+    taps = tl.arange(0, WP)
+    w = tl.load(weight + cols[None, :] * W + taps[:, None], mask=(taps < W)[:, None] & m_c[None, :], other=0.0)
+    w = w.to(tl.float32)  # [WP, BC]
+    acc = tl.zeros([BT, WP, BC], dtype=tl.float32)
+    for i in range(ROW_BLOCKS):
+        rows = (pid_t * ROW_BLOCKS + i).to(tl.int64) * BT + tl.arange(0, BT)
+        m_r = rows < num_tokens
+        m_rc = m_r[:, None] & m_c[None, :]
+        doc, start, _ = _row_bounds(rows, m_r, seq_idx, cu_seqlens, seq_len, VARLEN)
+        xs = _load_taps(x, init, rows, start, doc, m_r, cols, m_c, C, W, WP, HAS_INIT)
+        offsets = rows[:, None] * C + cols[None, :]
+        grad = tl.load(dy + offsets, mask=m_rc, other=0.0).to(tl.float32)
+        if SILU:
+            z = tl.sum(xs * w[None, :, :], 1)
+            sig = tl.sigmoid(z)
+            grad = grad * sig * (1.0 + z * (1.0 - sig))
+        tl.store(dz + offsets, grad, mask=m_rc)
+        acc += grad[:, None, :] * xs
+    dw = tl.sum(acc, 0)  # [WP, BC]
+    tl.store(dw_partial + (pid_t * C + cols[None, :]) * W + taps[:, None], dw, mask=(taps < W)[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _conv_dx_kernel(
+    dz, weight, dx, seq_idx, cu_seqlens,
+    num_tokens, seq_len, C,
+    W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """dx[t] = sum_s weight[W-1-s] dz[t+s], over the later tokens t+s of t's own document."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     m_r = rows < num_tokens
     m_c = cols < C
-    m_c2 = m_c[None, :]
-    doc, start, end = _row_bounds(rows, m_r, seq_idx, cu_seqlens, seq_len, VARLEN)
-    dxa = tl.zeros([BT, BC], dtype=tl.float32)
+    _, _, end = _row_bounds(rows, m_r, seq_idx, cu_seqlens, seq_len, VARLEN)
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
     for s in tl.static_range(W):
         later = rows + s
-        m_later = m_r & (later < end)
-        m_lc = m_later[:, None] & m_c2
-        z = tl.zeros([BT, BC], dtype=tl.float32)
-        for j in tl.static_range(W):
-            tap = _load_tap(x, init, later - (W - 1) + j, start, doc, m_lc, cols, C, W, HAS_INIT)
-            z += tap * tl.load(weight + cols * W + j, mask=m_c, other=0.0).to(tl.float32)[None, :]
-        dz = tl.load(dy + later[:, None] * C + cols[None, :], mask=m_lc, other=0.0).to(tl.float32)
-        if SILU:
-            sig = tl.sigmoid(z)
-            dz = dz * sig * (1.0 + z * (1.0 - sig))
-        dxa += dz * tl.load(weight + cols * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)[None, :]
-        if s == 0:
-            for j in tl.static_range(W):
-                tap = _load_tap(x, init, rows - (W - 1) + j, start, doc, m_lc, cols, C, W, HAS_INIT)
-                tl.store(dw_partial + (pid_t * C + cols) * W + j, tl.sum(dz * tap, 0), mask=m_c)
-    tl.store(dx + rows[:, None] * C + cols[None, :], dxa.to(dx.dtype.element_ty), mask=m_r[:, None] & m_c2)
+        m_later = (m_r & (later < end))[:, None] & m_c[None, :]
+        grad = tl.load(dz + later[:, None] * C + cols[None, :], mask=m_later, other=0.0)
+        acc += grad * tl.load(weight + cols * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(dx + rows[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -189,6 +232,7 @@ def _causal_conv1d(
         x, w, init, y, seq_idx, cu,
         batch * seq_len, seq_len, channels,
         W=width, BT=BLOCK_T, BC=BLOCK_C, VARLEN=cu is not None, HAS_INIT=init is not None, SILU=silu,
+        num_warps=NUM_WARPS,
     )
     if not output_final_state:
         return y, x.new_empty(0)
@@ -221,13 +265,20 @@ def _causal_conv1d_backward(
     batch, seq_len, channels = x.shape
     x, w, init, cu, seq_idx = _prepare(x, weight, initial_state, cu_seqlens)
     width = w.shape[1]
-    dx = torch.empty_like(x)
-    blocks = triton.cdiv(batch * seq_len, BLOCK_T)
-    dw_partial = x.new_empty(blocks, channels, width, dtype=torch.float32)
-    _conv_bwd_kernel[(blocks, triton.cdiv(channels, BLOCK_C))](
-        x, w, init, dy.contiguous(), dx, dw_partial, seq_idx, cu,
+    dz = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    programs = triton.cdiv(batch * seq_len, DZ_BLOCK_T * DZ_ROW_BLOCKS)
+    dw_partial = x.new_empty(programs, channels, width, dtype=torch.float32)
+    _conv_dz_kernel[(programs, triton.cdiv(channels, DZ_BLOCK_C))](
+        x, w, init, dy.contiguous(), dz, dw_partial, seq_idx, cu,
         batch * seq_len, seq_len, channels,
-        W=width, BT=BLOCK_T, BC=BLOCK_C, VARLEN=cu is not None, HAS_INIT=init is not None, SILU=silu,
+        W=width, WP=triton.next_power_of_2(width), BT=DZ_BLOCK_T, BC=DZ_BLOCK_C, ROW_BLOCKS=DZ_ROW_BLOCKS,
+        VARLEN=cu is not None, HAS_INIT=init is not None, SILU=silu, num_warps=DZ_NUM_WARPS,
+    )
+    dx = torch.empty_like(x)
+    grid = (triton.cdiv(batch * seq_len, BLOCK_T), triton.cdiv(channels, BLOCK_C))
+    _conv_dx_kernel[grid](
+        dz, w, dx, seq_idx, cu, batch * seq_len, seq_len, channels,
+        W=width, BT=BLOCK_T, BC=BLOCK_C, VARLEN=cu is not None, num_warps=NUM_WARPS,
     )
     return dx, dw_partial.sum(0).to(weight.dtype).view(weight.shape)
 
