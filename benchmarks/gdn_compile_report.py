@@ -64,10 +64,11 @@ def compile_kernel(fn, args: dict, num_warps: int, num_stages: int, arch: int = 
 
 
 def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False, state_stages: int = 2,
-                  grad_terms: int = 2) -> list[tuple]:
+                  grad_terms: int = 2, f16: bool = False) -> list[tuple]:
     """(label, kernel, args, warps, stages) of "triton-split" at its default settings
     (chunk_split.KernelOptions); the sequential kernels at each V tile of state_block_vs. one_term:
-    the opt-in one-term products (`one_term_state_products`, `one_term_output_states`, `one_term_w`)."""
+    the opt-in one-term products (`one_term_state_products`, `one_term_output_states`, `one_term_w`);
+    f16: the forward state pass's scaled float16 products (`f16_state_forward`)."""
     terms = 1 if one_term else 2
     k = load("kernels_split")
     raw, half, f32 = "*bf16", "*bf16", "*fp32"
@@ -78,12 +79,13 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
         args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, do=raw if backward else None, w_hi=half, w_lo=half,
                     u=f32, kscale=f32, qscale=f32 if backward else None, t_hi=half if backward else None,
                     t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward,
-                    W_TERMS=terms)
+                    W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
     for block_v in state_block_vs:
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
                     d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v, S_TERMS=terms,
-                    STORE_S_LO=not one_term, W_TERMS=terms)
+                    STORE_S_LO=not one_term, W_TERMS=terms, F16=f16, w16="*fp16" if f16 else None,
+                    k16="*fp16" if f16 else None)
         runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, state_stages))
         args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw, dvl=f32,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
@@ -112,9 +114,10 @@ def main() -> None:
     parser.add_argument("--state-stages", type=int, default=2, help="pipelining stages of the sequential kernels")
     parser.add_argument("--grad-terms", type=int, default=2, help="bf16 terms in the gradient kernels' matmuls")
     parser.add_argument("--one-term", action="store_true", help="the opt-in one-term state products and output states")
+    parser.add_argument("--f16", action="store_true", help="the forward state pass's scaled float16 products")
     args = parser.parse_args()
     block_k = max(16, triton.next_power_of_2(args.key_dim))
-    runs = split_kernels(block_k, args.state_block_v, args.one_term, args.state_stages, args.grad_terms)
+    runs = split_kernels(block_k, args.state_block_v, args.one_term, args.state_stages, args.grad_terms, args.f16)
     print(f'"triton-split", Triton {triton.__version__}, sm_{args.arch}, K tile {block_k}{", one-term" if args.one_term else ""}\n')
     print("| kernel | warps | stages | registers | spill stack B | STL/LDL | shared KB | programs/SM | wgmma/mma |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -5,7 +5,7 @@
 
 Runs the float64 checks of `gdn_gpu.py` (cases by index: 0 grouped values T=1000 vs the token loop,
 1 packed documents with extreme gates, 2 the 7B layer, 3 the 1B layer, 4 64K tokens, 5 float32
-inputs with documents, 6 no decay), then, holding
+inputs with documents, 6 no decay, 7 no decay at 32K, 8 no decay at K = V = 64), then, holding
 /tmp/gpu.lock so that concurrent processes time one at a time, forward and forward+backward at the
 issue's shapes (indices into gdn_gpu.ISSUE_SHAPES) and a per-kernel profile at the first; prints one
 SUMMARY line of JSON. Start several in the background, one per configuration: they compile and
@@ -49,6 +49,8 @@ cases_all = [
     ("fp32 docs", dict(batch=1, seq_len=1000, heads=2, value_heads=4, key_dim=96, value_dim=192, cu=[0, 300, 1000],
                        dtype=torch.float32)),
     ("no decay", dict(batch=1, seq_len=4096, heads=2, value_heads=4, key_dim=96, value_dim=192, gates="none")),
+    ("no decay 32K", dict(batch=1, seq_len=32768, heads=2, value_heads=4, key_dim=96, value_dim=192, gates="none")),
+    ("no decay K=V=64 16K", dict(batch=1, seq_len=16384, heads=2, value_heads=2, key_dim=64, value_dim=64, gates="none")),
 ]
 
 
@@ -76,7 +78,7 @@ if a.barrier:
         time.sleep(0.5)
 with open("/tmp/gpu.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    for si in map(int, a.shapes.split(",")):
+    for si in map(int, filter(None, a.shapes.split(","))):
         shape = G.ISSUE_SHAPES[si]
         rows = []
         G._time_chunked(shape, rows)

@@ -146,7 +146,18 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="bf16 autocast over float32 parameters (default on CUDA) or plain float32 (default on CPU)")
+    parser.add_argument("--split-options", default=None,
+                        help='JSON of chunk_split.KernelOptions fields for the "triton-split" GDN kernels, e.g. \'{"f16_state_forward": true}\'')
     args = parser.parse_args()
+    if args.split_options:
+        import json
+
+        from hybridlm.ops.gated_delta_rule.triton.chunk_split import SPLIT_OPTIONS
+
+        for key, value in json.loads(args.split_options).items():
+            if not hasattr(SPLIT_OPTIONS, key):
+                parser.error(f"--split-options: no KernelOptions field {key!r}")
+            setattr(SPLIT_OPTIONS, key, value)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

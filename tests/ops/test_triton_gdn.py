@@ -205,7 +205,7 @@ def test_split_one_term_state_products_bfloat16(monkeypatch, options):
     # stay within the 5e-3 bar for bf16 inputs; float32 inputs keep both terms and float32 accuracy.
     from hybridlm.ops.gated_delta_rule.triton import chunk_split
 
-    for option in ("one_term_state_products", "one_term_w", "one_term_output_states"):
+    for option in ("one_term_state_products", "one_term_w", "one_term_output_states", "f16_state_forward"):
         monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, option, False)
     q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 32, seed=12)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -218,6 +218,29 @@ def test_split_one_term_state_products_bfloat16(monkeypatch, options):
     assert chunk_split._state_terms(k) == 1 and chunk_split._state_terms(k.float()) == 2
     assert chunk_split._w_terms(k) == (1 if "one_term_w" in options else 2) and chunk_split._w_terms(k.float()) == 2
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, *_inputs(1, 100, 1, 1, 16, 32, seed=13))
+
+
+@pytest.mark.parametrize("no_decay, v_scale", [(False, 1.0), (True, 1.0), (False, 3e4)])
+def test_split_f16_state_forward(monkeypatch, no_decay, v_scale):
+    # The forward state pass's float16 products (the default for bf16 inputs with the L2 norm): the
+    # final state moves from the two-term one by about float16 rounding, everything stays within the
+    # 5e-3 bar, with no decay too (where bf16 one-term products exceed it), and values far beyond
+    # float16's range (v * 3e4: states ~1e5) are scaled into it rather than overflowing.
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    q, k, v, g, beta, h0 = _inputs(1, 300, 1, 2, 64, 64, seed=19)
+    q, k, v = q.bfloat16(), k.bfloat16(), (v * v_scale).bfloat16()
+    h0 = h0 * v_scale
+    if no_decay:
+        g = torch.zeros_like(g)
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "f16_state_forward", False)
+    both = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0, output_final_state=True)[1]
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "f16_state_forward", True)
+    f16 = chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0, output_final_state=True)[1]
+    assert torch.isfinite(f16).all() and 1e-6 < _rel(f16, both) < 2e-3
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, tol=5e-3)
+    assert chunk_split._f16_state_forward(k, True)
+    assert not chunk_split._f16_state_forward(k, False) and not chunk_split._f16_state_forward(k.float(), True)
 
 
 def test_split_one_term_output_states_bfloat16(monkeypatch):

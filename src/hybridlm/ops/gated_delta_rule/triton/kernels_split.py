@@ -141,6 +141,16 @@ def _mm_sr_t(ah, al, b, acc, TERMS: tl.constexpr):
 
 
 @triton.jit
+def _f16_scaled(x):
+    """x (float32) as float16 x16 times a power of two e, x = e * x16 to about 11 significant bits:
+    e puts the largest |x| in [2^13, 2^14), so no tile overflows float16 and none underflows it
+    (the smallest normal float16 is 2^-28 of that)."""
+    m = tl.maximum(tl.max(tl.abs(x)), 1e-30)
+    e = tl.exp2(tl.ceil(tl.log2(m)) - 14.0)
+    return (x * (1.0 / e)).to(tl.float16), e
+
+
+@triton.jit
 def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
     """(I + A)^-1 for a strictly lower triangular A [BT, BT] (float32), by doubling the block size.
 
@@ -230,18 +240,19 @@ def _rnorm(x, NORM: tl.constexpr):
 @triton.jit
 def _prepare_kernel(
     q, k, v, g, beta, do,
-    w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl,
+    w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl, w16, k16,
     cu_seqlens, chunk_seq, chunk_local,
     scale, H, HV, K, V,
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2,
+    NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
 ):
     """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
     kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
     and P^T dO.
 
     w_hi, w_lo: [NTOK, HV, K] bf16; u, dvl: [NTOK, HV, V] float32; kscale, qscale: [NTOK, HV]
-    float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T).
+    float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T). F16: also W and
+    kscale * k in float16 (w16, k16: [NTOK, HV, K]) for the forward state pass's float16 products.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -260,6 +271,9 @@ def _prepare_kernel(
     # Padded rows have g = 0, so gamma there equals gamma at the last real row (= gamma_C).
     gam = tl.cumsum(gv, 0)
     gam_last = tl.sum(gv, 0)
+    if F16:  # early, while few tiles are live
+        ks = rk * tl.exp(gam_last - gam)
+        _store(k16 + (t0 * HV + hv) * K, HV * K, n, K, kx.to(tl.float32) * ks[:, None], BT, BK)
 
     kk = _mm_rr(kx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32))
     decay = tl.exp(tl.where(ii > jj, gam[:, None] - gam[None, :], float("-inf")))
@@ -274,6 +288,8 @@ def _prepare_kernel(
     else:
         _store_split(w_hi, w_lo, hk, HV * K, n, K, wx, BT, BK)
     tl.store(kscale + t0 * HV + hv + o_t * HV, rk * tl.exp(gam_last - gam), mask=o_t < n)
+    if F16:
+        _store(w16 + hk, HV * K, n, K, wx, BT, BK)
     th, tl_ = _split(T * bv[None, :])
 
     if BACKWARD:
@@ -299,12 +315,12 @@ def _prepare_kernel(
 
 @triton.jit
 def _state_fwd_kernel(
-    k, w_hi, w_lo, u, g, kscale, h0, s_hi, s_lo, d_hi, d_lo, ht,
+    k, w_hi, w_lo, u, g, kscale, h0, s_hi, s_lo, d_hi, d_lo, ht, w16, k16,
     cu_seqlens, chunk_offsets,
     H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2,
-    STORE_S_LO: tl.constexpr = True, W_TERMS: tl.constexpr = 2,
+    STORE_S_LO: tl.constexpr = True, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
 ):
     """Per (sequence, value head, V tile): the sequential pass over the sequence's chunks.
 
@@ -315,6 +331,11 @@ def _state_fwd_kernel(
     2e-4 instead of 4e-6 with bf16 inputs: benchmarks/gdn_precision_study.py). STORE_S_LO = False
     stores only the hi term of S (for an output kernel at OUT_TERMS = 1; s_lo is not written).
     W_TERMS = 1 reads only W's hi term (w_lo is not read).
+    F16 = True: the two products of a step, W S and (kscale * k)^T Delta, take one float16 term
+    of each operand: W and kscale * k as the prepare kernel stored them (w16, k16), S and Delta
+    scaled by a power of two per tile (`_f16_scaled`). 2 matmuls a step instead of 5, each operand
+    to about 11 bits instead of 16 (bf16 one-term: 8). S_TERMS and W_TERMS are then unused. Only
+    with the L2 norm, which bounds W and kscale * k (|entries| <= about 2), so that float16 holds them.
     """
     n = tl.program_id(0)
     hv = tl.program_id(1)
@@ -341,20 +362,29 @@ def _state_fwd_kernel(
         rows = tl.minimum(eos - t0, BT).to(tl.int32)
         hk = (t0 * HV + hv) * K
         hvv = (t0 * HV + hv) * V + iv * BV
-        wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
-        kx = _load(k + (t0 * H + h) * K, H * K, rows, K, BT, BK)
         ux = _load(u + hvv, HV * V, rows, cols, BT, BV)
-        ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
         gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
-        ws = _dot(wh, sh, tl.zeros([BT, BV], dtype=tl.float32))
-        if W_TERMS == 2:
-            ws = _dot(_load(w_lo + hk, HV * K, rows, K, BT, BK), sh, ws)
-        if S_TERMS == 2:
-            ws = _dot(wh, sl, ws)
+        if F16:
+            s16, es = _f16_scaled(S)
+            ws = _dot(_load(w16 + hk, HV * K, rows, K, BT, BK), s16, tl.zeros([BT, BV], dtype=tl.float32)) * es
+        else:
+            wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
+            ws = _dot(wh, sh, tl.zeros([BT, BV], dtype=tl.float32))
+            if W_TERMS == 2:
+                ws = _dot(_load(w_lo + hk, HV * K, rows, K, BT, BK), sh, ws)
+            if S_TERMS == 2:
+                ws = _dot(wh, sl, ws)
         delta = ux - ws
         _store_split(d_hi, d_lo, hvv, HV * V, rows, cols, delta, BT, BV)
-        dh, dl = _split(delta * ks[:, None])
-        S = _mm_rs(tl.trans(kx), dh, dl, S * tl.exp(gam_last))
+        if F16:
+            d16, ed = _f16_scaled(delta)
+            kt = tl.trans(_load(k16 + hk, HV * K, rows, K, BT, BK))
+            S = _dot(kt, d16, tl.zeros([BK, BV], dtype=tl.float32)) * ed + S * tl.exp(gam_last)
+        else:
+            kx = _load(k + (t0 * H + h) * K, H * K, rows, K, BT, BK)
+            ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
+            dh, dl = _split(delta * ks[:, None])
+            S = _mm_rs(tl.trans(kx), dh, dl, S * tl.exp(gam_last))
     if STORE_HT:
         _store(ht + (n * HV + hv) * kv + iv * BV, V, K, cols, S, BK, BV)
 
