@@ -87,8 +87,9 @@ class KernelOptions:
     one_term_grads: bool = False
     # Default, bf16 inputs with the q/k L2 norm only: the forward state pass multiplies float16
     # operands, one term each (S and Delta scaled by a power of two per tile): 2 matmuls a step
-    # instead of 5. Measured on an H200: fwd+bwd 4.94 instead of 5.43 ms at the 7B layer; the float64
-    # checks' worst error 2.42e-3 (no decay and 32K tokens included; 2.35e-3 with two bf16 terms).
+    # instead of 5; the one-term options above then act on the reverse pass only. Measured on an
+    # H200: fwd+bwd 4.94 instead of 5.43 ms at the 7B layer; the float64 checks' worst error
+    # 2.42e-3 (no decay and 32K tokens included; 2.35e-3 with two bf16 terms).
     f16_state_forward: bool = True
 
 
