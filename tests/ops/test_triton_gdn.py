@@ -220,12 +220,12 @@ def test_split_one_term_state_products_bfloat16(monkeypatch, options):
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, *_inputs(1, 100, 1, 1, 16, 32, seed=13))
 
 
-@pytest.mark.parametrize("no_decay, v_scale", [(False, 1.0), (True, 1.0), (False, 3e4)])
+@pytest.mark.parametrize("no_decay, v_scale", [(False, 1.0), (True, 1.0), (False, 3e4), (False, 1e-6)])
 def test_split_f16_state_forward(monkeypatch, no_decay, v_scale):
     # The forward state pass's float16 products (the default for bf16 inputs with the L2 norm): the
     # final state moves from the two-term one by about float16 rounding, everything stays within the
     # 5e-3 bar, with no decay too (where bf16 one-term products exceed it), and values far beyond
-    # float16's range (v * 3e4: states ~1e5) are scaled into it rather than overflowing.
+    # float16's range (v * 3e4: states ~1e5; v * 1e-6: below its normal numbers) are scaled into it.
     from hybridlm.ops.gated_delta_rule.triton import chunk_split
 
     q, k, v, g, beta, h0 = _inputs(1, 300, 1, 2, 64, 64, seed=19)
