@@ -56,7 +56,7 @@ def test_two_processes_match_one(tiny_overrides, tmp_path):
     # AdamW moves an element by about lr per step whatever its gradient's size, so an element whose
     # gradient is near zero may move the other way when the sums round differently (measured: 2 of
     # the embedding's 32,768 elements, by 3e-4). So: nearly every element equal, none off by more than
-    # 2 lr (3e-3 here), where a wrong shard would put elements ~2e-2 (the init scale) apart.
+    # 2 lr (lr = 3e-3 here), where a wrong shard would put elements ~2e-2 (the init scale) apart.
     for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items()):
         off = (a - b).abs() > 1e-5 + 1e-3 * b.abs()
         assert off.float().mean().item() < 1e-3, (name, off.sum().item())
