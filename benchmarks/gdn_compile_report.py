@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "src", "hybridlm", "ops", "gated_delta_rule", "triton")
-DIVISIBLE = {"K", "V"}
+DIVISIBLE = {"K", "V", "SQK", "SV"}
 
 
 def load(name: str):
@@ -73,13 +73,14 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
     k = load("kernels_split")
     raw, half, f32 = "*bf16", "*bf16", "*fp32"
     common = dict(cu_seqlens="*i32", chunk_seq="*i32", chunk_local="*i32", chunk_offsets="*i32", scale="fp32",
-                  H="i32", HV="i32", K="i32", V="i32", BT=64, LOG2_BT=6, BK=block_k, NORM=True)
+                  H="i32", HV="i32", K="i32", V="i32", SQK="i32", SV="i32", BT=64, LOG2_BT=6, BK=block_k, NORM=True)
     runs = []
     for backward in (False, True):
         args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, do=raw if backward else None, w_hi=half, w_lo=half,
                     u=f32, kscale=f32, qscale=f32 if backward else None, t_hi=half if backward else None,
                     t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward,
-                    W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16)
+                    W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16,
+                    STORE_W=backward or not f16)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
     for block_v in state_block_vs:
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
@@ -91,17 +92,17 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
                     STORE_DH0=False, BV=block_v, DD_TERMS=terms, W_TERMS=terms)
         runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, state_stages))
-    args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=32, OUT_TERMS=terms)
+    args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=64, OUT_TERMS=terms)
     runs.append(("output", k._output_kernel, args, 4, 2))
     args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, t_hi=half, t_lo=half, d_hi=half, d_lo=half, dd_hi=half,
                 dd_lo=half, do=raw, scratch=f32, dv=raw, dvb_out=f32, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=32, TERMS=grad_terms)
-    runs.append(("gradients within the chunk", k._grad_local_kernel, args, 4, 2))
+    runs.append(("gradients within the chunk", k._grad_local_kernel, args, 4, 3))
     args = dict(common, q=raw, k=raw, g=f32, beta=f32, s_hi=half, s_lo=half, ds_hi=half,
                 ds_lo=half, d_hi=half, d_lo=half, dvb_in=f32, do=raw, dq_part=f32, dk_part=f32,
                 dbeta_part=f32, dgam_part=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32, BV=16, TERMS=grad_terms)
-    runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 2))
+    runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 3))
     args = dict(q=raw, k=raw, dq_hat=f32, dk_hat=f32, dq=raw, dk=raw, NTOK="i32", H="i32", HV="i32", K="i32",
-                BT=64, BK=block_k, NORM=True)
+                SQK="i32", BT=64, BK=block_k, NORM=True)
     runs.append(("L2-norm backward", k._qk_norm_bwd_kernel, args, 4, 3))
     return runs
 

@@ -42,6 +42,25 @@ def _flatten(q, k, v, g, beta):
     )
 
 
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, heads, dim] -> [B*T, heads, dim] with heads and dims packed (strides dim, 1), as a view
+    when x's tokens sit at one stride (e.g. q, k, v sliced from one [B, T, q|k|v] tensor), else a
+    contiguous copy."""
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        x = x.contiguous()
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _flatten_rows(q, k, v, g, beta):
+    """The chunked kernels' inputs: q, k, v as `_token_rows` (q and k at one token stride, which the
+    kernels take as an argument; v at its own), g and beta contiguous."""
+    ntok = q.shape[0] * q.shape[1]
+    qf, kf, vf = _token_rows(q), _token_rows(k), _token_rows(v)
+    if qf.stride(0) != kf.stride(0):
+        qf, kf = qf.contiguous(), kf.contiguous()
+    return qf, kf, vf, g.contiguous().view(ntok, g.shape[2]), beta.contiguous().view(ntok, beta.shape[2])
+
+
 def _num_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
@@ -92,7 +111,7 @@ def define_chunk_op(name: str, forward, backward):
         batch, seq_len = q.shape[:2]
         layout = sequence_layout(batch, seq_len, cu_seqlens, q.device)
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, final = forward(*_flatten(q, k, v, g, beta), scale, h0, output_final_state, layout, use_qk_l2norm)
+        o, final = forward(*_flatten_rows(q, k, v, g, beta), scale, h0, output_final_state, layout, use_qk_l2norm)
         if final is None:
             final = q.new_empty(0, dtype=torch.float32)
         return o.view(v.shape), final
@@ -115,7 +134,7 @@ def define_chunk_op(name: str, forward, backward):
         h0 = None if initial_state is None else initial_state.float().contiguous()
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dbeta, dh0 = backward(
-            *_flatten(q, k, v, g, beta), scale, h0, layout, use_qk_l2norm, do.contiguous().view(-1, *v.shape[2:]), dht
+            *_flatten_rows(q, k, v, g, beta), scale, h0, layout, use_qk_l2norm, do.contiguous().view(-1, *v.shape[2:]), dht
         )
         dh0 = q.new_empty(0, dtype=torch.float32) if dh0 is None else dh0.to(initial_state.dtype)
         return (

@@ -1,7 +1,9 @@
 """Host side of the chunked gated delta rule in Triton (kernels in `kernels_split.py`; backend
 "triton-split", also "triton").
 
-Same interface and layouts as `gated_delta_rule` (fla's). Numerics and tiling: every matmul runs
+Same interface and layouts as `gated_delta_rule` (fla's). q, k and v are read in place when their
+heads and dims are packed, whatever their token stride (the GDN layer's slices of one q|k|v
+tensor; `chunk._token_rows`): the kernels take the token strides as SQK (q and k) and SV (v). Numerics and tiling: every matmul runs
 on bf16 tensor cores with float32 operands split into two bf16 terms (about float32 accuracy at
 bf16 speed; `kernels_split`'s docstring), except, for bf16 inputs, the states stored for the
 output kernel (one term; more one-term products are opt-in: `KernelOptions`); the backward is
@@ -59,13 +61,13 @@ class KernelOptions:
     prepare_block_v: int = 64
     stages_prepare: int = 2
     warps_prepare: int = 4
-    output_block_v: int = 32
+    output_block_v: int = 64
     stages_output: int = 2
     warps_output: int = 4
     grad_local_block_v: int = 32
-    stages_grad_local: int = 2
+    stages_grad_local: int = 3
     grad_state_block_v: int = 16
-    stages_grad_state: int = 2
+    stages_grad_state: int = 3
     warps_grad_local: int = 4
     warps_grad_state: int = 4
     # One bf16 term instead of two, for bf16 inputs only (float32 and float16 inputs keep both).
@@ -135,9 +137,9 @@ def _f16_state_forward(k: torch.Tensor, norm: bool) -> bool:
     return SPLIT_OPTIONS.f16_state_forward and norm and k.dtype == torch.bfloat16
 
 
-def _one_term_states(k: torch.Tensor, w: torch.Tensor) -> bool:
+def _one_term_states(k: torch.Tensor) -> bool:
     """Whether the sequential kernels run with one-term products (their shared memory, `_per_sm`)."""
-    return _state_terms(k) == 1 and w.shape[0] == 1
+    return _state_terms(k) == 1 and _w_terms(k) == 1
 
 
 def _output_terms(q: torch.Tensor) -> int:
@@ -147,8 +149,9 @@ def _output_terms(q: torch.Tensor) -> int:
 
 # Programs of each sequential kernel one SM holds (benchmarks/gdn_compile_report.py, Triton 3.6,
 # K tile 128): with wgmma at 2 stages, by shared memory: one-term products (bf16 inputs) forward
-# 74 / 84 / 104 KB at V tiles 16 / 32 / 64, reverse 112 / 128 / 160 KB; two terms forward 110 KB
-# at V tile 16, everything else 124-193 KB. With mma.sync at one stage, registers allow two.
+# 74 / 84 / 104 KB at V tiles 16 / 32 / 64, reverse 112 / 128 / 160 KB; the float16 forward pass
+# (one term too) 72 / 80 / 96 KB; two terms forward 110 KB at V tile 16, everything else
+# 124-193 KB. With mma.sync at one stage, registers allow two.
 def _per_sm(backward: bool, block_v: int, wgmma: bool, one_term: bool) -> int:
     if not wgmma:
         return 2
@@ -195,28 +198,29 @@ def _split_buffer(like: torch.Tensor, *shape: int, terms: int = 2) -> torch.Tens
 
 def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int):
     """W (split), U, kscale; with do (backward) also T (split), qscale and P^T dO; and f16, the
-    float16 (W, kscale * k) for the forward state pass (`_f16_state_forward`), or None."""
+    float16 (W, kscale * k) for the forward state pass (`_f16_state_forward`), or None. W is None
+    when only the float16 pass reads it (f16 without do)."""
     ntok, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[1], v.shape[2]
     backward = do is not None
-    w = _split_buffer(q, ntok, value_heads, key_dim, terms=_w_terms(k))
+    f16 = None
+    if _f16_state_forward(k, norm):
+        f16 = q.new_empty(2, ntok, value_heads, key_dim, dtype=torch.float16)
+    w = None if f16 is not None and not backward else _split_buffer(q, ntok, value_heads, key_dim, terms=_w_terms(k))
     u = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)
     kscale = q.new_empty(ntok, value_heads, dtype=torch.float32)
     qscale = torch.empty_like(kscale) if backward else None
     tmat = _split_buffer(q, ntok, value_heads, CHUNK) if backward else None
     dvl = torch.empty_like(u) if backward else None
-    f16 = None
-    if _f16_state_forward(k, norm):
-        f16 = q.new_empty(2, ntok, value_heads, key_dim, dtype=torch.float16)
     kernels._prepare_kernel[(layout.num_slots, value_heads)](
         q, k, v, g, beta, do,
-        w[0], w[-1], u, kscale, qscale,
+        None if w is None else w[0], None if w is None else w[-1], u, kscale, qscale,
         None if tmat is None else tmat[0], None if tmat is None else tmat[1], dvl,
         None if f16 is None else f16[0], None if f16 is None else f16[1],
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
-        scale, heads, value_heads, key_dim, value_dim,
+        scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, LOG2_BT=6, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.prepare_block_v, value_dim), NORM=norm, BACKWARD=backward,
-        W_TERMS=w.shape[0], F16=f16 is not None,
+        W_TERMS=_w_terms(k), STORE_W=w is not None, F16=f16 is not None,
         num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
     )
     return w, u, kscale, qscale, tmat, dvl, f16
@@ -224,24 +228,25 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
 
 def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_terms=2, f16=None):
     """Chunk-entry states [state_terms, NCHUNK, HV, K, V] and Delta [2, NTOK, HV, V] (split), final state."""
-    ntok, value_heads, key_dim = w.shape[1:]
-    value_dim = u.shape[2]
+    ntok, value_heads, value_dim = u.shape
+    key_dim = k.shape[2]
     # num_slots >= chunks
-    states = _split_buffer(w, layout.num_slots, value_heads, key_dim, value_dim, terms=state_terms)
-    vnew = _split_buffer(w, ntok, value_heads, value_dim)
+    states = _split_buffer(u, layout.num_slots, value_heads, key_dim, value_dim, terms=state_terms)
+    vnew = _split_buffer(u, ntok, value_heads, value_dim)
     state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, k.device, backward=False,
-                             one_term=_one_term_states(k, w))
+                             one_term=_one_term_states(k) or f16 is not None)
     final = None
     if output_final_state:
         final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_fwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
-        k, w[0], w[-1], u, g, kscale, initial_state, states[0], states[-1], vnew[0], vnew[1], final,
+        k, None if w is None else w[0], None if w is None else w[-1], u, g, kscale, initial_state,
+        states[0], states[-1], vnew[0], vnew[1], final,
         None if f16 is None else f16[0], None if f16 is None else f16[1],
         layout.cu_seqlens, layout.chunk_offsets,
-        k.shape[1], value_heads, key_dim, value_dim,
+        k.shape[1], value_heads, key_dim, value_dim, k.stride(0), u.stride(0),
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state, S_TERMS=_state_terms(k),
-        STORE_S_LO=state_terms == 2, W_TERMS=w.shape[0], F16=f16 is not None,
+        STORE_S_LO=state_terms == 2, W_TERMS=_w_terms(k), F16=f16 is not None,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
     return states, vnew, final
@@ -257,11 +262,11 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout:
     states, vnew, final = _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k,
                                          state_terms=out_terms, f16=f16)
     del w, u, kscale, f16
-    o = torch.empty_like(v, dtype=q.dtype)
+    o = v.new_empty(v.shape, dtype=q.dtype)
     kernels._output_kernel[(layout.num_slots, value_heads)](
         q, k, g, states[0], states[-1], vnew[0], vnew[1], o,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
-        scale, heads, value_heads, key_dim, value_dim,
+        scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.output_block_v, value_dim), NORM=norm, OUT_TERMS=out_terms,
         num_warps=SPLIT_OPTIONS.warps_output, num_stages=SPLIT_OPTIONS.stages_output,
     )
@@ -277,7 +282,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k, f16=f16)
     del f16
     state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, q.device, backward=True,
-                             one_term=_one_term_states(k, w))
+                             one_term=_one_term_states(k))
     del u
     dstates = torch.empty_like(states)
     dvnew = torch.empty_like(vnew)
@@ -287,7 +292,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
         q, k, w[0], w[-1], g, kscale, qscale, do, dvl, dht, dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
         layout.cu_seqlens, layout.chunk_offsets,
-        heads, value_heads, key_dim, value_dim,
+        heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k), W_TERMS=w.shape[0],
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
@@ -298,7 +303,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     dk_hat = torch.empty_like(dq_hat)
     dbeta = q.new_empty(ntok, value_heads, dtype=torch.float32)
     dg = torch.empty_like(dbeta)
-    dv = torch.empty_like(v)
+    dv = v.new_empty(v.shape)
     scratch = q.new_empty(layout.num_slots, value_heads, CHUNK, CHUNK, dtype=torch.float32)
     dvb = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)  # T^T dDelta
     # The parts go to dq_hat, dk_hat, dbeta and dg; _grad_state_kernel adds to them in place
@@ -307,7 +312,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         q, k, v, g, beta, tmat[0], tmat[1], vnew[0], vnew[1], dvnew[0], dvnew[1], do, scratch,
         dv, dvb, dq_hat, dk_hat, dbeta, dg,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
-        scale, heads, value_heads, key_dim, value_dim,
+        scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_local_block_v, value_dim), NORM=norm,
         TERMS=_grad_terms(q),
         num_warps=SPLIT_OPTIONS.warps_grad_local, num_stages=SPLIT_OPTIONS.stages_grad_local,
@@ -318,17 +323,17 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         vnew[0], vnew[1], dvb, do, dq_hat, dk_hat, dbeta, dg,
         dq_hat, dk_hat, dbeta, dg,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
-        scale, heads, value_heads, key_dim, value_dim,
+        scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_state_block_v, value_dim), NORM=norm,
         TERMS=_grad_terms(q),
         num_warps=SPLIT_OPTIONS.warps_grad_state, num_stages=SPLIT_OPTIONS.stages_grad_state,
     )
     del states, dstates, vnew, dvb
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
+    dq = q.new_empty(q.shape)
+    dk = k.new_empty(k.shape)
     kernels._qk_norm_bwd_kernel[(triton.cdiv(ntok, CHUNK), heads)](
         q, k, dq_hat, dk_hat, dq, dk,
-        ntok, heads, value_heads, key_dim,
+        ntok, heads, value_heads, key_dim, q.stride(0),
         BT=CHUNK, BK=block_k, NORM=norm,
         num_warps=4,
     )

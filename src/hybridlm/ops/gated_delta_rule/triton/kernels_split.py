@@ -36,6 +36,9 @@ no decay their errors accumulate past the 5e-3 bar; chunk_split.KernelOptions).
 
 Every exponent is masked before exp and is <= 0 for g <= 0 (no division by a decay).
 
+Layouts: q, k [NTOK, H, K] with tokens SQK elements apart, v [NTOK, HV, V] with tokens SV apart
+(views into a packed q|k|v tensor, or contiguous); every other tensor is contiguous.
+
 Hopper + Triton 3.4..3.7.0 miscompile `tl.trans` of a computed matrix used as a dot operand (fla
 #640): the kernels transpose only loaded tiles. The two computed matrices needed both ways in
 `_grad_local_kernel` go through a per-program scratch tile in global memory. 4 warps throughout:
@@ -242,9 +245,10 @@ def _prepare_kernel(
     q, k, v, g, beta, do,
     w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl, w16, k16,
     cu_seqlens, chunk_seq, chunk_local,
-    scale, H, HV, K, V,
+    scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
+    STORE_W: tl.constexpr = True,
 ):
     """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
     kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
@@ -252,7 +256,8 @@ def _prepare_kernel(
 
     w_hi, w_lo: [NTOK, HV, K] bf16; u, dvl: [NTOK, HV, V] float32; kscale, qscale: [NTOK, HV]
     float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T). F16: also W and
-    kscale * k in float16 (w16, k16: [NTOK, HV, K]) for the forward state pass's float16 products.
+    kscale * k in float16 (w16, k16: [NTOK, HV, K]) for the forward state pass's float16 products;
+    STORE_W = False skips w_hi and w_lo (the forward, where only that pass reads W).
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -263,8 +268,8 @@ def _prepare_kernel(
     o_t = tl.arange(0, BT)
     ii = o_t[:, None]
     jj = o_t[None, :]
-    qk_base = (t0 * H + h) * K
-    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+    qk_base = t0 * SQK + h * K
+    kx = _load(k + qk_base, SQK, n, K, BT, BK)
     rk = _rnorm(kx, NORM)
     gv = _load_vec(g + t0 * HV + hv, HV, n, BT)
     bv = _load_vec(beta + t0 * HV + hv, HV, n, BT)
@@ -283,17 +288,18 @@ def _prepare_kernel(
     hk = (t0 * HV + hv) * K
     th, tl_ = _split(T * (bv * tl.exp(gam) * rk)[None, :])
     wx = _mm_sr(th, tl_, kx, tl.zeros([BT, BK], dtype=tl.float32))
-    if W_TERMS == 1:
-        _store(w_hi + hk, HV * K, n, K, wx, BT, BK)
-    else:
-        _store_split(w_hi, w_lo, hk, HV * K, n, K, wx, BT, BK)
+    if STORE_W:
+        if W_TERMS == 1:
+            _store(w_hi + hk, HV * K, n, K, wx, BT, BK)
+        else:
+            _store_split(w_hi, w_lo, hk, HV * K, n, K, wx, BT, BK)
     tl.store(kscale + t0 * HV + hv + o_t * HV, rk * tl.exp(gam_last - gam), mask=o_t < n)
     if F16:
         _store(w16 + hk, HV * K, n, K, wx, BT, BK)
     th, tl_ = _split(T * bv[None, :])
 
     if BACKWARD:
-        qx = _load(q + qk_base, H * K, n, K, BT, BK)
+        qx = _load(q + qk_base, SQK, n, K, BT, BK)
         rq = _rnorm(qx, NORM)
         tl.store(qscale + t0 * HV + hv + o_t * HV, scale * rq * tl.exp(gam), mask=o_t < n)
         _store_split(t_hi, t_lo, (t0 * HV + hv) * BT, HV * BT, n, BT, T, BT, BT)
@@ -306,7 +312,7 @@ def _prepare_kernel(
     hvv = (t0 * HV + hv) * V
     for iv in range(0, tl.cdiv(V, BV)):
         cols = V - iv * BV
-        vx = _load(v + hvv + iv * BV, HV * V, n, cols, BT, BV)
+        vx = _load(v + t0 * SV + hv * V + iv * BV, SV, n, cols, BT, BV)
         _store(u + hvv + iv * BV, HV * V, n, cols, _mm_sr(th, tl_, vx, tl.zeros([BT, BV], dtype=tl.float32)), BT, BV)
         if BACKWARD:
             dox = _load(do + hvv + iv * BV, HV * V, n, cols, BT, BV)
@@ -317,7 +323,7 @@ def _prepare_kernel(
 def _state_fwd_kernel(
     k, w_hi, w_lo, u, g, kscale, h0, s_hi, s_lo, d_hi, d_lo, ht, w16, k16,
     cu_seqlens, chunk_offsets,
-    H, HV, K, V,
+    H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2,
     STORE_S_LO: tl.constexpr = True, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
@@ -381,7 +387,7 @@ def _state_fwd_kernel(
             kt = tl.trans(_load(k16 + hk, HV * K, rows, K, BT, BK))
             S = _dot(kt, d16, tl.zeros([BK, BV], dtype=tl.float32)) * ed + S * tl.exp(gam_last)
         else:
-            kx = _load(k + (t0 * H + h) * K, H * K, rows, K, BT, BK)
+            kx = _load(k + t0 * SQK + h * K, SQK, rows, K, BT, BK)
             ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
             dh, dl = _split(delta * ks[:, None])
             S = _mm_rs(tl.trans(kx), dh, dl, S * tl.exp(gam_last))
@@ -393,7 +399,7 @@ def _state_fwd_kernel(
 def _output_kernel(
     q, k, g, s_hi, s_lo, d_hi, d_lo, o,
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
-    scale, H, HV, K, V,
+    scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, OUT_TERMS: tl.constexpr = 2,
 ):
@@ -412,9 +418,9 @@ def _output_kernel(
     o_t = tl.arange(0, BT)
     ii = o_t[:, None]
     jj = o_t[None, :]
-    qk_base = (t0 * H + h) * K
-    qx = _load(q + qk_base, H * K, n, K, BT, BK)
-    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+    qk_base = t0 * SQK + h * K
+    qx = _load(q + qk_base, SQK, n, K, BT, BK)
+    kx = _load(k + qk_base, SQK, n, K, BT, BK)
     rq = _rnorm(qx, NORM) * scale
     rk = _rnorm(kx, NORM)
     gam = tl.cumsum(_load_vec(g + t0 * HV + hv, HV, n, BT), 0)
@@ -442,7 +448,7 @@ def _output_kernel(
 def _state_bwd_kernel(
     q, k, w_hi, w_lo, g, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0,
     cu_seqlens, chunk_offsets,
-    H, HV, K, V,
+    H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DD_TERMS: tl.constexpr = 2, W_TERMS: tl.constexpr = 2,
 ):
@@ -476,10 +482,10 @@ def _state_bwd_kernel(
         t0 = bos + c * BT
         rows = tl.minimum(eos - t0, BT).to(tl.int32)
         hk = (t0 * HV + hv) * K
-        qk = (t0 * H + h) * K
+        qk = t0 * SQK + h * K
         hvv = (t0 * HV + hv) * V + iv * BV
-        kx = _load(k + qk, H * K, rows, K, BT, BK)
-        qx = _load(q + qk, H * K, rows, K, BT, BK)
+        kx = _load(k + qk, SQK, rows, K, BT, BK)
+        qx = _load(q + qk, SQK, rows, K, BT, BK)
         wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
         dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
         local = _load(dvl + hvv, HV * V, rows, cols, BT, BV)
@@ -506,7 +512,7 @@ def _grad_local_kernel(
     q, k, v, g, beta, t_hi, t_lo, d_hi, d_lo, dd_hi, dd_lo, do, scratch,
     dv, dvb_out, dq_part, dk_part, dbeta_part, dgam_part,
     cu_seqlens, chunk_seq, chunk_local,
-    scale, H, HV, K, V,
+    scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, TERMS: tl.constexpr = 2,
 ):
@@ -548,10 +554,9 @@ def _grad_local_kernel(
     for iv in range(0, tl.cdiv(V, BV)):
         cols = V - iv * BV
         base = hvv + iv * BV
-        dh = _load(d_hi + base, HV * V, n, cols, BT, BV)
         ddh = _load(dd_hi + base, HV * V, n, cols, BT, BV)
         dox = _load(do + base, HV * V, n, cols, BT, BV)
-        vx = _load(v + base, HV * V, n, cols, BT, BV)
+        vx = _load(v + t0 * SV + hv * V + iv * BV, SV, n, cols, BT, BV)
         if TERMS == 1:
             dvb = _mm_sr(tth, ttl, ddh, tl.zeros([BT, BV], dtype=tl.float32))
         else:
@@ -561,44 +566,52 @@ def _grad_local_kernel(
         _store(dvb_out + base, HV * V, n, cols, dvb, BT, BV)
         dbeta_acc += tl.sum(dvb * vx.to(tl.float32), 1)
         if TERMS == 1:
+            dh = _load(d_hi + base, HV * V, n, cols, BT, BV)
             acc_p = _dot(dox, tl.trans(dh), acc_p)
             acc_a = _dot(_bf16(dvb), tl.trans(dh), acc_a)
         else:
+            dh = _load(d_hi + base, HV * V, n, cols, BT, BV)
             dl = _load(d_lo + base, HV * V, n, cols, BT, BV)
             acc_p = _mm_rs(dox, tl.trans(dh), tl.trans(dl), acc_p)
             vbh, vbl = _split(dvb)
             acc_a = _mm_ss(vbh, vbl, tl.trans(dh), tl.trans(dl), acc_a)
 
-    qk_base = (t0 * H + h) * K
+    # In an order that keeps few [BT, *] tiles live at once (registers).
+    decay_incl = tl.exp(tl.where(ii >= jj, gam[:, None] - gam[None, :], float("-inf")))
+    dPm = acc_p * decay_incl
+    dAd = -acc_a * tl.where(ii > jj, decay_incl, 0.0)
+    qk_base = t0 * SQK + h * K
     hk = (t0 * HV + hv) * K
-    qx = _load(q + qk_base, H * K, n, K, BT, BK)
-    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+    qx = _load(q + qk_base, SQK, n, K, BT, BK)
+    kx = _load(k + qk_base, SQK, n, K, BT, BK)
     rq = _rnorm(qx, NORM)
     rk = _rnorm(kx, NORM)
-    decay_incl = tl.exp(tl.where(ii >= jj, gam[:, None] - gam[None, :], float("-inf")))
-    # E = dP * P + dA * A: the gradient of the exponents gamma_i - gamma_j.
-    dPm = acc_p * decay_incl
+    # E = dP * P + dA * A: the gradient of the exponents gamma_i - gamma_j; dgamma_i gets its row
+    # sums less its column sums, taken part by part.
     E = dPm * _mm_rr(qx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32)) * ((rq * scale)[:, None] * rk[None, :])
+    dgam_acc = tl.sum(E, 1) - tl.sum(E, 0)
+    kk = _mm_rr(kx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32)) * (rk[:, None] * rk[None, :])
+    dM = dAd * bv[:, None]
+    E = dM * kk
+    dgam_acc += tl.sum(E, 1) - tl.sum(E, 0)
+    dbeta_acc += tl.sum(dAd * kk, 1)
     tile = scratch + (slot.to(tl.int64) * HV + hv) * BT * BT
     tl.store(tile + ii * BT + jj, dPm)
     ph, pl = _split(dPm * (scale * rk)[None, :])
     _store(dq_part + hk, HV * K, n, K, _mm_sr_t(ph, pl, kx, tl.zeros([BT, BK], dtype=tl.float32), TERMS), BT, BK)
     tl.debug_barrier()
-    ph, pl = _split(tl.load(tile + jj * BT + ii) * (rq * scale)[None, :])
+    pt = tl.load(tile + jj * BT + ii)  # dPm^T
     tl.debug_barrier()
-    dK = _mm_sr_t(ph, pl, qx, tl.zeros([BT, BK], dtype=tl.float32), TERMS)
-
-    dAd = -acc_a * tl.where(ii > jj, decay_incl, 0.0)
-    kk = _mm_rr(kx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32)) * (rk[:, None] * rk[None, :])
-    dM = dAd * bv[:, None]
-    E += dM * kk
-    dbeta_acc += tl.sum(dAd * kk, 1)
     tl.store(tile + ii * BT + jj, dM)
     tl.debug_barrier()
-    mh, ml = _split((dM + tl.load(tile + jj * BT + ii)) * rk[None, :])
-    _store(dk_part + hk, HV * K, n, K, _mm_sr_t(mh, ml, kx, dK, TERMS), BT, BK)
+    dms = dM + tl.load(tile + jj * BT + ii)  # dM + dM^T
+    ph, pl = _split(pt * (rq * scale)[None, :])
+    dK = _mm_sr_t(ph, pl, qx, tl.zeros([BT, BK], dtype=tl.float32), TERMS)
+    mh, ml = _split(dms * rk[None, :])
+    dK = _mm_sr_t(mh, ml, kx, dK, TERMS)
+    _store(dk_part + hk, HV * K, n, K, dK, BT, BK)
     tl.store(dbeta_part + t0 * HV + hv + o_t * HV, dbeta_acc, mask=o_t < n)
-    tl.store(dgam_part + t0 * HV + hv + o_t * HV, tl.sum(E, 1) - tl.sum(E, 0), mask=o_t < n)
+    tl.store(dgam_part + t0 * HV + hv + o_t * HV, dgam_acc, mask=o_t < n)
 
 
 @triton.jit
@@ -607,7 +620,7 @@ def _grad_state_kernel(
     dq_part, dk_part, dbeta_part, dgam_part,
     dq_hat, dk_hat, dbeta, dg,
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
-    scale, H, HV, K, V,
+    scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, TERMS: tl.constexpr = 2,
 ):
@@ -643,10 +656,10 @@ def _grad_state_kernel(
     eg = tl.exp(gam)
     to_end = tl.exp(gam_last - gam)
     bek = bv * eg
-    qk_base = (t0 * H + h) * K
+    qk_base = t0 * SQK + h * K
     hk = (t0 * HV + hv) * K
-    qx = _load(q + qk_base, H * K, n, K, BT, BK)
-    kx = _load(k + qk_base, H * K, n, K, BT, BK)
+    qx = _load(q + qk_base, SQK, n, K, BT, BK)
+    kx = _load(k + qk_base, SQK, n, K, BT, BK)
 
     acc_q = tl.zeros([BT, BK], dtype=tl.float32)  # dQd = dO S^T
     acc_z = _load(dk_part + hk, HV * K, n, K, BT, BK)  # + Z
@@ -708,7 +721,7 @@ def _grad_state_kernel(
 @triton.jit
 def _qk_norm_bwd_kernel(
     q, k, dq_hat, dk_hat, dq, dk,
-    NTOK, H, HV, K,
+    NTOK, H, HV, K, SQK,
     BT: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
 ):
     """Per (block of BT tokens, q/k head): sum the value heads' dq_hat, dk_hat ([NTOK, HV, K] float32)
@@ -728,7 +741,7 @@ def _qk_norm_bwd_kernel(
         for j in range(0, group):
             acc += _load(dx_hat + (t0 * HV + h * group + j) * K, HV * K, n, K, BT, BK)
         if NORM:
-            x = _load(x_ptr + (t0 * H + h) * K, H * K, n, K, BT, BK).to(tl.float32)
+            x = _load(x_ptr + t0 * SQK + h * K, SQK, n, K, BT, BK).to(tl.float32)
             r = tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
             acc = (acc - x * (r * r * tl.sum(x * acc, 1))[:, None]) * r[:, None]
         _store(dx + (t0 * H + h) * K, H * K, n, K, acc, BT, BK)
