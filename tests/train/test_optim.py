@@ -106,3 +106,31 @@ def test_loss_sums_match_cross_entropy_and_z_loss_in_float32():
     assert sums.cross_entropy.item() == pytest.approx(expected.item(), rel=1e-5)
     lse = torch.logsumexp(logits.to(torch.bfloat16).double(), -1)[keep]
     assert sums.z_loss.item() == pytest.approx(lse.pow(2).sum().item(), rel=1e-5)
+
+
+def test_model_loss_sums_match_the_loss_of_the_logits():
+    # The fused LM-head loss inside the model (what training uses) against the logits path: same
+    # sums and same gradients for every parameter, packed documents and ignored labels included.
+    from hybridlm.models import HybridLM, get_preset
+    from hybridlm.train.loss import model_loss_sums
+
+    torch.manual_seed(0)
+    model = HybridLM(get_preset("hybrid-tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    labels = torch.randint(0, model.config.vocab_size, (2, 40))
+    labels[0, :7] = IGNORE_INDEX
+    doc_ids = torch.cat([torch.zeros(2, 25, dtype=torch.long), torch.ones(2, 15, dtype=torch.long)], 1)
+
+    def loss_and_grads(sums):
+        loss = sums.cross_entropy + 0.3 * sums.z_loss
+        return [sums.cross_entropy.detach(), sums.z_loss.detach()], torch.autograd.grad(loss, list(model.parameters()))
+
+    fused, fused_grads = loss_and_grads(model_loss_sums(model, ids, labels, doc_ids=doc_ids))
+    reference = language_model_loss_sums(model(ids, doc_ids=doc_ids).logits, labels)
+    expected, expected_grads = loss_and_grads(reference)
+    assert reference.count == 73
+    for got, want in zip(fused + list(fused_grads), expected + list(expected_grads)):
+        # float32 rounding apart (both paths compute the loss in float32, in different orders)
+        assert (got - want).norm() <= 1e-5 * want.norm() + 1e-9
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        model(ids, labels=labels[:, :-1])

@@ -21,16 +21,21 @@ from hybridlm.nn.gated_deltanet import GatedDeltaNet
 from hybridlm.nn.inference import HasInferenceWeights, rms_norm_fused, rotary_sign
 from hybridlm.nn.norm import GatedRMSNorm, RMSNorm
 from hybridlm.nn.rope import RotaryEmbedding
+from hybridlm.ops.lm_loss import fused_lm_loss_sums
 
 
 @dataclass
 class CausalLMOutput:
     """logits: [B, T, vocab] (or the last `logits_to_keep` positions); hidden_states: the final normed
-    hidden states [B, T, d_model] when asked for; cache: the (updated) decoding cache, if any."""
+    hidden states [B, T, d_model] when asked for; cache: the (updated) decoding cache, if any.
+    With labels (training): cross_entropy_sum and z_loss_sum, float32 scalars summed over the
+    labelled positions (`hybridlm.ops.lm_loss.fused_lm_loss_sums`), and no logits."""
 
     logits: torch.Tensor | None
     hidden_states: torch.Tensor | None = None
     cache: HybridCache | None = None
+    cross_entropy_sum: torch.Tensor | None = None
+    z_loss_sum: torch.Tensor | None = None
 
 
 # How attention applies documents and sliding windows (HybridLM.forward's attn_impl).
@@ -257,6 +262,8 @@ class HybridLM(HasInferenceWeights, nn.Module):
         compute_logits: bool = True,
         gdn_impl: str = "auto",
         attn_impl: str = "auto",
+        labels: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> CausalLMOutput:
         """Run the model.
 
@@ -272,10 +279,19 @@ class HybridLM(HasInferenceWeights, nn.Module):
             padding: "flex" (flex attention with a block mask), "sdpa" (a dense boolean mask), or
             "auto" (flex on CUDA when gradients are enabled, i.e. training; sdpa otherwise). Plain
             causal attention always runs SDPA's causal kernel.
+        labels: [B, T] int64 next-token targets (ignore_index where there is none): return the sums
+            of cross-entropy and z-loss instead of logits, through the fused LM-head loss, which
+            never holds float32 logits (`hybridlm.ops.lm_loss`). Not with a cache or logits_to_keep.
         """
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {attn_impl!r}")
         self._check_input(input_ids, attention_mask, doc_ids, cache)
+        if labels is not None and (labels.shape != input_ids.shape or cache is not None or logits_to_keep is not None):
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)} and come without a cache or "
+                f"logits_to_keep; got labels {tuple(labels.shape)}, cache {cache is not None}, "
+                f"logits_to_keep {logits_to_keep}"
+            )
         batch, seq_len = input_ids.shape
         device = input_ids.device
         hidden = self.model.embed_tokens(input_ids)
@@ -342,12 +358,16 @@ class HybridLM(HasInferenceWeights, nn.Module):
                     mask=masks[block.kind],
                     state=state,
                 )
-        if not return_hidden_states:  # the final norm only where logits are computed (prefill: none or 1)
+        if not return_hidden_states and labels is None:  # the final norm only where logits are computed (prefill: none or 1)
             if not compute_logits:
                 return CausalLMOutput(logits=None, cache=cache)
             if logits_to_keep is not None:
                 hidden = hidden[:, -logits_to_keep:]
         hidden = self.model.norm(hidden)
+        if labels is not None:
+            cross_entropy, z_loss = fused_lm_loss_sums(hidden, self.lm_head.weight, labels, ignore_index=ignore_index)
+            return CausalLMOutput(logits=None, hidden_states=hidden if return_hidden_states else None,
+                                  cross_entropy_sum=cross_entropy, z_loss_sum=z_loss)
         logits = None
         if compute_logits:
             kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]

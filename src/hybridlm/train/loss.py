@@ -1,4 +1,9 @@
-"""The training loss: cross-entropy and z-loss, in float32, as sums (the caller normalises)."""
+"""The training loss: cross-entropy and z-loss, in float32, as sums (the caller normalises).
+
+Training gets them from the model itself (`HybridLM.forward(labels=...)`, the fused LM-head loss
+of `hybridlm.ops.lm_loss`, which never holds float32 logits); `language_model_loss_sums` computes
+the same sums from logits, for models or callers that have logits.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,14 @@ class LossSums:
     cross_entropy: torch.Tensor
     z_loss: torch.Tensor
     count: int
+
+
+def model_loss_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, **forward_kwargs) -> LossSums:
+    """The loss sums of one micro-batch from `model(input_ids, labels=labels, **forward_kwargs)`
+    (a HybridLM, possibly wrapped by FSDP: the LM head's weight is used inside its forward)."""
+    output = model(input_ids, labels=labels, ignore_index=IGNORE_INDEX, **forward_kwargs)
+    count = int((labels != IGNORE_INDEX).sum())
+    return LossSums(cross_entropy=output.cross_entropy_sum, z_loss=output.z_loss_sum, count=count)
 
 
 def language_model_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> LossSums:

@@ -53,7 +53,7 @@ from hybridlm.train.distributed import (
 )
 from hybridlm.train.extend import load_initial_weights
 from hybridlm.train.logging import MetricsLogger, plot_loss_curve
-from hybridlm.train.loss import IGNORE_INDEX, language_model_loss_sums
+from hybridlm.train.loss import IGNORE_INDEX, model_loss_sums
 from hybridlm.train.optim import SkipStepGuard, build_optimizer, lr_at, wsds_decay_points
 
 CONFIG_FILE = "config.yaml"
@@ -187,13 +187,14 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
         for index, batch in enumerate(batches):
             set_gradient_sync(model, index == len(batches) - 1)
             with autocast_context(env, compute_dtype, sharded=env.is_distributed):
-                output = model(
+                sums = model_loss_sums(
+                    model,
                     batch.input_ids.to(env.device),
+                    batch.labels.to(env.device),
                     doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
                     gdn_impl=trainer.gdn_impl,
                     attn_impl=trainer.attn_impl,
                 )
-            sums = language_model_loss_sums(output.logits, batch.labels.to(env.device))
             loss = (sums.cross_entropy + optim_config.z_loss * sums.z_loss) * scale
             loss.backward()
             ce_sum += sums.cross_entropy.item()
@@ -313,13 +314,14 @@ def _evaluate(
     ce_sum = count = n_bytes = 0.0
     for batch in loader:
         with autocast_context(env, compute_dtype, sharded=env.is_distributed):
-            output = model(
+            sums = model_loss_sums(
+                model,
                 batch.input_ids.to(env.device),
+                batch.labels.to(env.device),
                 doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
                 gdn_impl=gdn_impl,
                 attn_impl=attn_impl,
             )
-        sums = language_model_loss_sums(output.logits, batch.labels.to(env.device))
         ce_sum += sums.cross_entropy.item()
         count += sums.count
         n_bytes += float(token_bytes[batch.labels.clamp(min=0)].sum())
