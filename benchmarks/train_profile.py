@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: kernel time by category, per preset.
 
     python benchmarks/train_profile.py [--presets hybrid-1b transformer-1b] [--seq-len 8192]
-        [--tokens-per-step 16384] [--steps 2] [--warmup 3] [--compile] [--top 25]
+        [--tokens-per-step 16384] [--steps 2] [--warmup 3] [--compile] [--top 25] [--loss fused|logits]
 
 Same loop as `train_throughput.py` (bf16 autocast over float32 parameters, fused AdamW, random
 tokens). After the warmup steps, `--steps` steps run under torch.profiler; the CUDA kernels' time
@@ -31,7 +31,7 @@ CATEGORIES = [
     ("attention", r"flash|fmha|flex|attention|sdpa"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|splitK|gemv"),
     ("optimizer", r"adam|multi_tensor"),
-    ("loss/softmax", r"softmax|cross_entropy|nll_loss|log_softmax"),
+    ("loss/softmax", r"softmax|cross_entropy|nll_loss|log_softmax|_lm_loss_"),
     ("copy/cat", r"copy|cat|CatArray|elementwise_kernel_manual_unroll"),
     ("triton (inductor)", r"^triton_"),
     ("elementwise/reduce", r"elementwise|vectorized|reduce|unrolled"),
@@ -48,7 +48,7 @@ def category(name: str) -> str:
 def profile(preset: str, args) -> tuple[dict, list, float]:
     device = torch.device("cuda")
     batch = args.tokens_per_step // args.seq_len
-    model, loss_fn, _, vocab = build_ours(preset, args.seq_len, device, False, args.compile)
+    model, loss_fn, _, vocab = build_ours(preset, args.seq_len, device, False, args.compile, loss=args.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, args.seq_len + 1), device=device, generator=gen)
@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--loss", choices=["fused", "logits"], default="fused", help="as in train_throughput.py")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")

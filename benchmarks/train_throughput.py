@@ -2,12 +2,17 @@
 
     python benchmarks/train_throughput.py [--presets hybrid-1b olmo3-1b transformer-1b]
         [--seq-lens 4096 8192] [--tokens-per-step 16384] [--steps 8] [--warmup 3]
-        [--compile] [--activation-checkpointing] [--transformers] [--device cuda|cpu]
+        [--compile] [--activation-checkpointing] [--transformers] [--device cuda|cpu] [--grad-accum N]
 
 One process, one device, a plain loop: random tokens, bf16 autocast over float32 parameters,
-cross-entropy on all positions, fused AdamW (foreach on CPU); float32 on CPU by default. Per step, time from the first forward
+cross-entropy on all positions (for our models through the model's fused LM-head loss, as the
+trainer does; `--loss logits` for float32 cross-entropy over materialised logits, which transformers'
+models always use), fused AdamW (foreach on CPU); float32 on CPU by default. Per step, time from the first forward
 to the end of the optimizer step (the device synchronised before reading the clock), median over
-the timed steps after `--warmup` untimed ones.
+the timed steps after `--warmup` untimed ones. With --grad-accum N a step is N forward/backward passes
+of --tokens-per-step tokens each (different tokens) and one optimizer step, as in training at a
+global batch larger than one pass: the optimizer's fixed cost per step (about 28 ms for a 1B model
+on an H200) is shared by N times the tokens.
 
 MFU = 6 N tokens/s / peak, N the non-embedding parameters (the LM head counts), peak 989 TFLOP/s
 (dense bf16, H100/H200 SXM); attention's own FLOPs are not counted (the usual 6N convention).
@@ -35,7 +40,7 @@ PEAK_FLOPS = 989e12
 
 
 def build_ours(preset: str, seq_len: int, device: torch.device, checkpointing: bool, compile_blocks: bool,
-               gdn_impl: str = "auto", attn_impl: str = "auto"):
+               gdn_impl: str = "auto", attn_impl: str = "auto", loss: str = "fused"):
     config = get_preset(preset, max_seq_len=max(seq_len, get_preset(preset).max_seq_len))
     with device:  # initialise on the device: a 1B model's init on the host takes seconds
         model = HybridLM(config)
@@ -47,6 +52,9 @@ def build_ours(preset: str, seq_len: int, device: torch.device, checkpointing: b
             block.compile()
 
     def loss_fn(input_ids, labels):
+        if loss == "fused":  # what the trainer does: the model's fused LM-head loss
+            output = model(input_ids, labels=labels, gdn_impl=gdn_impl, attn_impl=attn_impl)
+            return output.cross_entropy_sum / labels.numel()
         logits = model(input_ids, gdn_impl=gdn_impl, attn_impl=attn_impl).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
@@ -92,13 +100,15 @@ def _checkpoint(block: torch.nn.Module) -> None:
     block.forward = checkpointed
 
 
-def measure(model, loss_fn, n_params, vocab, *, seq_len, batch, steps, warmup, device, autocast) -> dict:
+def measure(model, loss_fn, n_params, vocab, *, seq_len, batch, steps, warmup, device, autocast, grad_accum=1) -> dict:
     cuda = device.type == "cuda"
     fused = {"fused": True} if cuda else {"foreach": True}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
     gen = torch.Generator(device=device).manual_seed(0)
-    input_ids = torch.randint(0, vocab, (batch, seq_len + 1), device=device, generator=gen)
-    inputs, labels = input_ids[:, :-1].contiguous(), input_ids[:, 1:].contiguous()
+    micro_batches = []
+    for _ in range(grad_accum):
+        input_ids = torch.randint(0, vocab, (batch, seq_len + 1), device=device, generator=gen)
+        micro_batches.append((input_ids[:, :-1].contiguous(), input_ids[:, 1:].contiguous()))
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
@@ -106,18 +116,19 @@ def measure(model, loss_fn, n_params, vocab, *, seq_len, batch, steps, warmup, d
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(inputs, labels)
-        loss.backward()
+        for inputs, labels in micro_batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(inputs, labels) / grad_accum
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+        losses.append(loss.item() * grad_accum)
     seconds = statistics.median(times)
-    tokens_per_s = batch * seq_len / seconds
+    tokens_per_s = grad_accum * batch * seq_len / seconds
     return {
         "step_s": seconds,
         "tokens_per_s": tokens_per_s,
@@ -134,6 +145,10 @@ def main() -> int:
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[4096, 8192])
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--loss", choices=["fused", "logits"], default="fused",
+                        help="our models' loss: the fused LM-head loss (the trainer's) or cross-entropy over logits")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="forward/backward passes of --tokens-per-step tokens per optimizer step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile every block (ours only)")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -169,15 +184,16 @@ def main() -> int:
             runs += [("transformers", preset, seq) for preset in args.presets if preset.startswith(("hybrid", "olmo3"))]
     for impl, preset, seq_len in runs:
         batch = max(1, args.tokens_per_step // seq_len)
-        label = f"{impl} {preset} T={seq_len} B={batch}" + (f" gdn={args.gdn_impl}" if impl == "hybridlm" and args.gdn_impl != "auto" else "") + (f" attn={args.attn_impl}" if impl == "hybridlm" and args.attn_impl != "auto" else "") + (" compiled" if args.compile and impl == "hybridlm" else "")
+        label = f"{impl} {preset} T={seq_len} B={batch}" + (f" gdn={args.gdn_impl}" if impl == "hybridlm" and args.gdn_impl != "auto" else "") + (f" attn={args.attn_impl}" if impl == "hybridlm" and args.attn_impl != "auto" else "") + (" compiled" if args.compile and impl == "hybridlm" else "") + (f" accum={args.grad_accum}" if args.grad_accum > 1 else "") + (" loss=logits" if impl == "hybridlm" and args.loss == "logits" else "")
         try:
             if impl == "hybridlm":
-                built = build_ours(preset, seq_len, device, args.activation_checkpointing, args.compile, args.gdn_impl, args.attn_impl)
+                built = build_ours(preset, seq_len, device, args.activation_checkpointing, args.compile, args.gdn_impl,
+                                   args.attn_impl, args.loss)
             else:
                 built = build_transformers(preset, seq_len, device, args.activation_checkpointing)
             model, loss_fn, n_params, vocab = built
             result = measure(model, loss_fn, n_params, vocab, seq_len=seq_len, batch=batch,
-                             steps=args.steps, warmup=args.warmup, device=device,
+                             steps=args.steps, warmup=args.warmup, device=device, grad_accum=args.grad_accum,
                              autocast=(args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16")
             rows.append((label, result))
             print(f"{label}: {result['tokens_per_s']:.0f} tok/s, MFU {100 * result['mfu']:.1f}%, "
