@@ -51,7 +51,8 @@ def main() -> int:
         parser.error("needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(args.tokens, args.d_model, device="cuda", generator=gen).requires_grad_(True)
-    weight = (torch.randn(args.vocab, args.d_model, device="cuda", generator=gen) * args.d_model**-0.5).requires_grad_(True)
+    weight = torch.randn(args.vocab, args.d_model, device="cuda", generator=gen) * args.d_model**-0.5
+    weight.requires_grad_(True)
     labels = torch.randint(0, args.vocab, (args.tokens,), device="cuda", generator=gen)
     labels[::17] = -100
 
@@ -63,7 +64,8 @@ def main() -> int:
     def unfused():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             sums = language_model_loss_sums(F.linear(hidden, weight), labels)
-        return sums.cross_entropy, sums.z_loss, *torch.autograd.grad(sums.cross_entropy + 1e-4 * sums.z_loss, (hidden, weight))
+        loss = sums.cross_entropy + 1e-4 * sums.z_loss
+        return sums.cross_entropy, sums.z_loss, *torch.autograd.grad(loss, (hidden, weight))
 
     h16, w16 = hidden.detach().bfloat16(), weight.detach().bfloat16()
 
