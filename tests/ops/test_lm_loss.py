@@ -212,3 +212,12 @@ def test_rejects_bad_inputs():
         bad[1, 2] = bad_label
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 50\)"):
             fused_lm_loss_sums(hidden, weight, bad, impl="torch")
+
+
+def test_auto_takes_pytorch_on_cpu_even_under_the_interpreter():
+    # TRITON_INTERPRET=1 is set for these tests; "auto" must still not run the slow interpreter
+    # (every CPU training step goes through it).
+    hidden = torch.randn(3, 4)
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert lm_loss._choose_impl("auto", hidden) == "torch"
+    assert lm_loss._choose_impl("triton", hidden) == "triton"

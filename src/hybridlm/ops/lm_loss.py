@@ -131,8 +131,8 @@ def _choose_impl(impl: str, hidden: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"fused_lm_loss_sums: impl must be one of {IMPLS}; got {impl!r}")
     triton_runs_here = TRITON_AVAILABLE and (hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-    if impl == "auto":
-        return "triton" if triton_runs_here else "torch"
+    if impl == "auto":  # the interpreter only when asked for by name: it is slow
+        return "triton" if TRITON_AVAILABLE and hidden.is_cuda else "torch"
     if impl == "triton" and not triton_runs_here:
         raise ValueError(
             f"fused_lm_loss_sums: impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); got "
@@ -195,7 +195,7 @@ def fused_lm_loss_sums(
     The logits are computed in the compute dtype: the autocast dtype when autocast is on for
     hidden's device (as `nn.Linear` under autocast would), else hidden's dtype. impl: "triton"
     (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (PyTorch over row chunks), or "auto" (Triton
-    where it runs). The backward overwrites the saved logits, so it can run once per forward.
+    for CUDA tensors, else PyTorch; never the slow interpreter). The backward overwrites the saved logits, so it can run once per forward.
     """
     _check_inputs(hidden, weight, labels)
     impl = _choose_impl(impl, hidden)
