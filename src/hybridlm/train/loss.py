@@ -30,9 +30,11 @@ class LossSums:
 
 def model_loss_sums(model, input_ids: torch.Tensor, labels: torch.Tensor, **forward_kwargs) -> LossSums:
     """The loss sums of one micro-batch from `model(input_ids, labels=labels, **forward_kwargs)`
-    (a HybridLM, possibly wrapped by FSDP: the LM head's weight is used inside its forward)."""
-    output = model(input_ids, labels=labels, ignore_index=IGNORE_INDEX, **forward_kwargs)
+    (a HybridLM, possibly wrapped by FSDP: the LM head's weight is used inside its forward).
+    labels may stay on the host: they are counted there (no device sync) and moved to input_ids' device."""
     count = int((labels != IGNORE_INDEX).sum())
+    labels = labels.to(input_ids.device, non_blocking=True)
+    output = model(input_ids, labels=labels, ignore_index=IGNORE_INDEX, **forward_kwargs)
     return LossSums(cross_entropy=output.cross_entropy_sum, z_loss=output.z_loss_sum, count=count)
 
 

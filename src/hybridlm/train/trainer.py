@@ -190,7 +190,7 @@ def _train(config, run_dir, env: DistributedEnv, resume, progress, echo, started
                 sums = model_loss_sums(
                     model,
                     batch.input_ids.to(env.device),
-                    batch.labels.to(env.device),
+                    batch.labels,
                     doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
                     gdn_impl=trainer.gdn_impl,
                     attn_impl=trainer.attn_impl,
@@ -317,7 +317,7 @@ def _evaluate(
             sums = model_loss_sums(
                 model,
                 batch.input_ids.to(env.device),
-                batch.labels.to(env.device),
+                batch.labels,
                 doc_ids=batch.doc_ids.to(env.device) if batch.doc_ids is not None else None,
                 gdn_impl=gdn_impl,
                 attn_impl=attn_impl,
