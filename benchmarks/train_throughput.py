@@ -184,7 +184,13 @@ def main() -> int:
             runs += [("transformers", preset, seq) for preset in args.presets if preset.startswith(("hybrid", "olmo3"))]
     for impl, preset, seq_len in runs:
         batch = max(1, args.tokens_per_step // seq_len)
-        label = f"{impl} {preset} T={seq_len} B={batch}" + (f" gdn={args.gdn_impl}" if impl == "hybridlm" and args.gdn_impl != "auto" else "") + (f" attn={args.attn_impl}" if impl == "hybridlm" and args.attn_impl != "auto" else "") + (" compiled" if args.compile and impl == "hybridlm" else "") + (f" accum={args.grad_accum}" if args.grad_accum > 1 else "") + (" loss=logits" if impl == "hybridlm" and args.loss == "logits" else "")
+        ours = impl == "hybridlm"
+        label = " ".join([f"{impl} {preset} T={seq_len} B={batch}"]
+                         + ([f"gdn={args.gdn_impl}"] if ours and args.gdn_impl != "auto" else [])
+                         + ([f"attn={args.attn_impl}"] if ours and args.attn_impl != "auto" else [])
+                         + (["compiled"] if ours and args.compile else [])
+                         + ([f"accum={args.grad_accum}"] if args.grad_accum > 1 else [])
+                         + (["loss=logits"] if ours and args.loss == "logits" else []))
         try:
             if impl == "hybridlm":
                 built = build_ours(preset, seq_len, device, args.activation_checkpointing, args.compile, args.gdn_impl,
