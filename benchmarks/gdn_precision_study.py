@@ -44,6 +44,9 @@ VARIANTS = {
     "S in W S, stored S": {"S_in_delta", "S_stored"},
     "S in W S, stored S and W (the kernels' defaults for bf16 inputs)": {"S_in_delta", "S_stored", "W"},
     "all one term (fla's choice)": {"S_in_delta", "delta_in_update", "S_stored", "delta_stored", "W", "P", "U"},
+    # T = (I + A)^-1 by the prepare kernel's doubling (`_unit_lower_inverse`) instead of exactly:
+    "T by the kernels' doubling, two-term products": {"T_doubling"},
+    "T by the doubling with float16 products (scaled per tile)": {"T_f16"},
 }
 
 CASES = [
@@ -74,6 +77,34 @@ def operand(x: torch.Tensor, name: str, one_term: set[str] | None) -> torch.Tens
 
 def f32(x: torch.Tensor, one_term: set[str] | None) -> torch.Tensor:
     return x if one_term is None else x.to(torch.float32).to(torch.float64)
+
+
+def f16_scaled(x: torch.Tensor) -> torch.Tensor:
+    """x [..., R, C] as the kernels' scaled float16 operand: per matrix, a power of two e puts the
+    largest |x| in (2^13, 2^14], and x = e * float16(x / e)."""
+    m = x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    e = torch.exp2(torch.ceil(torch.log2(m)) - 14.0)
+    return (x / e).to(torch.float16).to(torch.float64) * e
+
+
+def unit_lower_inverse(A: torch.Tensor, one_term: set[str]) -> torch.Tensor:
+    """(I + A)^-1 for strictly lower A [..., n, n] as `_unit_lower_inverse` computes it (blocks doubled
+    from 2 to 64, inv <- inv + (-(inv C)) inv, float32 accumulation), with the products' operands as
+    two-term splits ("T_doubling") or scaled float16 ("T_f16")."""
+    n = A.shape[-1]
+    idx = torch.arange(CHUNK)
+    ii, jj = idx[:, None], idx[None, :]
+    full = torch.zeros(*A.shape[:-2], CHUNK, CHUNK, dtype=A.dtype)
+    full[..., :n, :n] = A
+    term = f16_scaled if "T_f16" in one_term else (lambda x: operand(x, "", set()))
+    inv = torch.where(ii == jj, 1.0, 0.0).to(A.dtype) - torch.where((ii // 2) == (jj // 2), full, 0.0)
+    for level in range(2, 7):
+        same_block = (ii >> level) == (jj >> level)
+        other_half = (ii >> (level - 1)) != (jj >> (level - 1))
+        C = torch.where(same_block & other_half, full, 0.0)
+        X = f32(-(term(inv) @ term(C)), one_term)
+        inv = f32(inv + term(X) @ term(inv), one_term)
+    return inv[..., :n, :n]
 
 
 def make_inputs(seq_len, heads, key_dim, value_dim, gates="model", seed=0):
@@ -113,7 +144,11 @@ def forward(q, k, v, g, beta, h0, one_term: set[str] | None):
         lower = torch.tril(torch.ones(n, n, dtype=torch.bool), -1)
         decay = torch.where(lower, diff.clamp(max=0.0), torch.tensor(float("-inf"), dtype=torch.float64)).exp()
         A = (kc @ kc.transpose(1, 2)) * (bc * rk[:, sl])[:, :, None] * rk[:, None, sl] * decay
-        T = torch.linalg.solve_triangular(eye[:n, :n] + A, eye[:n, :n].expand(heads, n, n), upper=False, unitriangular=True)
+        if one_term is not None and one_term & {"T_doubling", "T_f16"}:
+            T = unit_lower_inverse(f32(A, one_term), one_term)
+        else:
+            T = torch.linalg.solve_triangular(eye[:n, :n] + A, eye[:n, :n].expand(heads, n, n), upper=False,
+                                              unitriangular=True)
         W = operand((T * (bc * gam.exp() * rk[:, sl])[:, None, :]) @ kc, "W", one_term)
         U = f32(operand(T * bc[:, None, :], "U", one_term) @ vc, one_term)
         kscale = rk[:, sl] * (gam[:, -1:] - gam).exp()
@@ -167,7 +202,11 @@ def backward_state_pass(q, k, v, g, beta, do, dht, one_term: set[str] | None):
         lower = torch.tril(torch.ones(n, n, dtype=torch.bool), -1)
         A = (kc @ kc.transpose(1, 2)) * (bc * rk[:, sl])[:, :, None] * rk[:, None, sl]
         A = A * torch.where(lower, diff.clamp(max=0.0), minus_inf).exp()
-        T = torch.linalg.solve_triangular(eye[:n, :n] + A, eye[:n, :n].expand(heads, n, n), upper=False, unitriangular=True)
+        if one_term is not None and one_term & {"T_doubling", "T_f16"}:
+            T = unit_lower_inverse(f32(A, one_term), one_term)
+        else:
+            T = torch.linalg.solve_triangular(eye[:n, :n] + A, eye[:n, :n].expand(heads, n, n), upper=False,
+                                              unitriangular=True)
         W = operand((T * (bc * gam.exp() * rk[:, sl])[:, None, :]) @ kc, "W", one_term)
         incl = torch.tril(torch.ones(n, n, dtype=torch.bool))
         P = (qc @ kc.transpose(1, 2)) * (scale * rq[:, sl])[:, :, None] * rk[:, None, sl]
@@ -190,19 +229,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="0,1,2,3,4,5", help="indices into CASES")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default="", help="run only the forward variants whose names contain this text "
+                        "(and the first, for comparison); skips the reverse pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = [CASES[int(i)] for i in args.cases.split(",")]
+    first = next(iter(VARIANTS))
+    variants = {name: one_term for name, one_term in VARIANTS.items() if name == first or args.variants in name}
     results = {}
     for name, kwargs in cases:
         inputs = make_inputs(**kwargs)
         ref_o, ref_s = forward(*inputs, None)
-        for variant, one_term in VARIANTS.items():
+        for variant, one_term in variants.items():
             o, s = forward(*inputs, one_term)
             results[(variant, name)] = (rel(o, ref_o), rel(s, ref_s))
             print(f"{name} | {variant}: o {results[(variant, name)][0]:.2e}, final state {results[(variant, name)][1]:.2e}",
                   flush=True)
-    for name, kwargs in cases:
+    for name, kwargs in cases if not args.variants else []:
         q, k, v, g, beta, h0 = make_inputs(**kwargs)
         gen = torch.Generator().manual_seed(1)
         do = bf16(torch.randn(v.shape, generator=gen))
@@ -213,8 +256,9 @@ def main() -> None:
             results[("bwd " + variant, name)] = (rel(dd, ref_dd), rel(dh0, ref_dh0))
             print(f"{name} | bwd {variant}: dDelta {rel(dd, ref_dd):.2e}, dh0 {rel(dh0, ref_dh0):.2e}", flush=True)
     _print_table("Forward: relative error against the unrounded algorithm in float64 (o rounded to bf16 / final state)",
-                 VARIANTS, "", cases, results)
-    _print_table("Reverse state pass: relative error of dDelta / dh0", BACKWARD_VARIANTS, "bwd ", cases, results)
+                 variants, "", cases, results)
+    if not args.variants:
+        _print_table("Reverse state pass: relative error of dDelta / dh0", BACKWARD_VARIANTS, "bwd ", cases, results)
 
 
 def _print_table(title: str, variants: dict, prefix: str, cases: list, results: dict) -> None:
