@@ -68,7 +68,8 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
     """(label, kernel, args, warps, stages) of "triton-split" at its default settings
     (chunk_split.KernelOptions); the sequential kernels at each V tile of state_block_vs. one_term:
     the opt-in one-term products (`one_term_state_products`, `one_term_output_states`, `one_term_w`);
-    f16: the forward state pass's scaled float16 products (`f16_state_forward`)."""
+    f16: the scaled float16 products of the defaults for bf16 inputs with the L2 norm
+    (`f16_state_forward`, `f16_state_backward`, `f16_inverse`)."""
     terms = 1 if one_term else 2
     k = load("kernels_split")
     raw, half, f32 = "*bf16", "*bf16", "*fp32"
@@ -80,7 +81,8 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     u=f32, kscale=f32, qscale=f32 if backward else None, t_hi=half if backward else None,
                     t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward,
                     W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16,
-                    STORE_W=backward or not f16)
+                    q16="*fp16" if f16 and backward else None, F16_Q=f16 and backward, STORE_W=not f16,
+                    INV_F16=f16)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
     for block_v in state_block_vs:
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
@@ -90,7 +92,8 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
         runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, state_stages))
         args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw, dvl=f32,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
-                    STORE_DH0=False, BV=block_v, DD_TERMS=terms, W_TERMS=terms)
+                    STORE_DH0=False, BV=block_v, DD_TERMS=terms, W_TERMS=terms, F16=f16,
+                    w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, q16="*fp16" if f16 else None)
         runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, state_stages))
     args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=64, OUT_TERMS=terms)
     runs.append(("output", k._output_kernel, args, 4, 2))
@@ -115,7 +118,7 @@ def main() -> None:
     parser.add_argument("--state-stages", type=int, default=2, help="pipelining stages of the sequential kernels")
     parser.add_argument("--grad-terms", type=int, default=2, help="bf16 terms in the gradient kernels' matmuls")
     parser.add_argument("--one-term", action="store_true", help="the opt-in one-term state products and output states")
-    parser.add_argument("--f16", action="store_true", help="the forward state pass's scaled float16 products")
+    parser.add_argument("--f16", action="store_true", help="the float16 state passes and inverse (the defaults for bf16 with the L2 norm)")
     args = parser.parse_args()
     block_k = max(16, triton.next_power_of_2(args.key_dim))
     runs = split_kernels(block_k, args.state_block_v, args.one_term, args.state_stages, args.grad_terms, args.f16)

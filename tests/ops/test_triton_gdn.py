@@ -49,12 +49,12 @@ def _inputs(batch, seq_len, heads, value_heads, key_dim, value_dim, *, gate_scal
     return q, k, v, g, beta, h0
 
 
-def _check_fwd_bwd(chunked, q, k, v, g, beta, h0, *, cu_seqlens=None, use_qk_l2norm=True, tol=TOL):
+def _check_fwd_bwd(chunked, q, k, v, g, beta, h0, *, cu_seqlens=None, use_qk_l2norm=True, tol=TOL, do_scale=1.0):
     inputs = [q, k, v, g, beta] + ([h0] if h0 is not None else [])
     for x in inputs:
         x.requires_grad_(True)
     gen = torch.Generator().manual_seed(1)
-    do = torch.randn(v.shape, generator=gen).to(v.dtype)
+    do = (torch.randn(v.shape, generator=gen) * do_scale).to(v.dtype)
     num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     dht = torch.randn(num_seqs, *v.shape[2:3], q.shape[3], v.shape[3], generator=gen)
     ref_inputs = [x.detach().double().requires_grad_(True) for x in inputs]
@@ -225,6 +225,10 @@ def test_split_launch_settings(monkeypatch):
     # the chooser never counts more than two.
     assert chunk_split._state_block_v(192, 30, cpu, backward=False, one_term=True) == 32  # 180 <= 264
     assert chunk_split._state_block_v(192, 30, cpu, backward=True, one_term=True) == 64
+    # Beside the recomputing forward pass (two streams), the reverse pass takes V tile 32.
+    assert chunk_split._state_block_v(192, 30, cpu, backward=True, one_term=True, concurrent=True) == 32
+    assert chunk_split._state_block_v(16, 30, cpu, backward=True, concurrent=True) == 16
+    assert chunk_split._side_stream(cpu) is None
     monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "state_bwd_block_v", 16)
     assert chunk_split._state_block_v(128, 32, cpu, backward=True) == 16
 
@@ -271,6 +275,51 @@ def test_split_f16_state_forward(monkeypatch, no_decay, v_scale):
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, tol=5e-3)
     assert chunk_split._f16_state_forward(k, True)
     assert not chunk_split._f16_state_forward(k, False) and not chunk_split._f16_state_forward(k.float(), True)
+
+
+@pytest.mark.parametrize("option, case", [
+    ("f16_state_backward", "no decay"), ("f16_state_backward", "dO * 3e4"),
+    ("f16_state_backward", "dO * 1e-6, v * 1e-6"), ("f16_state_backward", "one key, beta 1.999"),
+    ("f16_inverse", "no decay"), ("f16_inverse", "one key, beta 1.999"),
+])
+def test_split_f16_reverse_pass_and_inverse(monkeypatch, option, case):
+    # The reverse state pass's float16 products (default for bf16 inputs with the L2 norm) and the
+    # opt-in float16 triangular inverse: the gradients move from the two-term ones by about float16
+    # rounding and stay within the 5e-3 bar of float64, with no decay, with dO and v far outside
+    # float16's range (scaled per tile), and with one key repeated at beta near 2, where the
+    # entries of T = (I + A)^-1 alternate in sign (the inverse's hardest case: dg 3.5e-3 with both
+    # options, 2.3e-4 with neither).
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 32, seed=22)
+    do_scale = {"dO * 3e4": 3e4, "dO * 1e-6, v * 1e-6": 1e-6}.get(case, 1.0)
+    if case == "no decay":
+        g = torch.zeros_like(g)
+    if case.startswith("dO * 1e-6"):
+        v, h0 = v * 1e-6, h0 * 1e-6
+    if case.startswith("one key"):
+        k = k[:, :1].expand_as(k).clone()
+        beta = torch.full_like(beta, 1.999)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    dht = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(3)) * do_scale
+
+    def grads():
+        inputs = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+        o, s = chunk_gated_delta_rule_triton_split(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+        do = (torch.randn(o.shape, generator=torch.Generator().manual_seed(4)) * do_scale).bfloat16()
+        return torch.autograd.grad((o.float() * do.float()).sum() + (s * dht).sum(), inputs)
+
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "f16_state_backward", False)
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "f16_inverse", False)
+    both = grads()
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, option, True)
+    f16 = grads()
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], f16, both):
+        assert torch.isfinite(a).all() and _rel(a, b) < 4e-3, name
+    assert max(_rel(a, b) for a, b in zip(f16, both)) > 1e-6  # the float16 path ran
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, tol=5e-3, do_scale=do_scale)
+    check = getattr(chunk_split, "_" + option)
+    assert check(k, True) and not check(k, False) and not check(k.float(), True)
 
 
 def test_split_one_term_output_states_bfloat16(monkeypatch):

@@ -22,6 +22,7 @@ Wrapped as the torch.library custom op `hybridlm::gdn_chunk_split` (`chunk.defin
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -93,9 +94,38 @@ class KernelOptions:
     # H200: fwd+bwd 4.94 instead of 5.43 ms at the 7B layer; the float64 checks' worst error
     # 2.42e-3 (no decay and 32K tokens included; 2.35e-3 with two bf16 terms).
     f16_state_forward: bool = True
+    # Default, same inputs: the reverse state pass multiplies float16 operands likewise (dS, dO and
+    # dDelta scaled per tile): 3 matmuls a step instead of 7. Measured on an H200 at the 7B layer,
+    # passes in order at V tile 64: the reverse pass 1.09 -> 1.03 ms (it is latency-bound).
+    f16_state_backward: bool = True
+    # Opt-in, same inputs: the prepare kernel's triangular inverse T = (I + A)^-1 with float16
+    # products (10 matmuls a chunk instead of 30), in the forward and the backward alike. Measured
+    # on an H200 at the 7B layer: the two prepare launches 0.811 -> 0.782 ms (< 1% of fwd+bwd);
+    # with one key repeated at beta 1.999, dg's error against float64 rises from 1.0e-3 to 3.5e-3
+    # and dbeta's from 1.1e-3 to 3.3e-3 (CPU, K = V = 32, T = 200). Not worth that as a default.
+    f16_inverse: bool = False
+    # The backward's two sequential passes (the recomputing forward one and the reverse one) on two
+    # CUDA streams at once: each alone leaves most of the GPU idle. Measured on an H200 at the 7B
+    # layer: fwd+bwd 4.46 -> 4.23 ms, 4.05 with the reverse pass at V tile 32 (`_state_block_v`);
+    # outputs and gradients bitwise equal to the passes in order.
+    concurrent_state_passes: bool = True
 
 
 SPLIT_OPTIONS = KernelOptions()
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The stream the backward's recomputing forward state pass runs on (None: run it in order, on
+    CPU or with `concurrent_state_passes` off)."""
+    if device.type != "cuda" or not SPLIT_OPTIONS.concurrent_state_passes:
+        return None
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def uses_wgmma(device: torch.device) -> bool:
@@ -137,6 +167,16 @@ def _f16_state_forward(k: torch.Tensor, norm: bool) -> bool:
     return SPLIT_OPTIONS.f16_state_forward and norm and k.dtype == torch.bfloat16
 
 
+def _f16_state_backward(k: torch.Tensor, norm: bool) -> bool:
+    """Whether the reverse state pass multiplies float16 operands (bf16 inputs, with the L2 norm)."""
+    return SPLIT_OPTIONS.f16_state_backward and norm and k.dtype == torch.bfloat16
+
+
+def _f16_inverse(k: torch.Tensor, norm: bool) -> bool:
+    """Whether the prepare kernel inverts with float16 products (bf16 inputs, with the L2 norm)."""
+    return SPLIT_OPTIONS.f16_inverse and norm and k.dtype == torch.bfloat16
+
+
 def _one_term_states(k: torch.Tensor) -> bool:
     """Whether the sequential kernels run with one-term products (their shared memory, `_per_sm`)."""
     return _state_terms(k) == 1 and _w_terms(k) == 1
@@ -168,16 +208,22 @@ def _block_k(key_dim: int) -> int:
 
 
 def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device, backward: bool,
-                   one_term: bool = False) -> int:
+                   one_term: bool = False, concurrent: bool = False) -> int:
     """V tile of a sequential kernel, which runs one program per (sequence, value head, V tile)
     through all the chunks: the smallest tile (more, shorter programs hide more latency) whose
     programs all run at once at no more than two per SM (three forward programs of V tile 16 per SM
-    measured slower than two of 32 at the 7B layer), else the largest (fewest waves)."""
+    measured slower than two of 32 at the 7B layer), else the largest (fewest waves).
+    concurrent: the reverse pass shares the GPU with the recomputing forward pass
+    (`concurrent_state_passes`); V tile 32 then, the fastest fwd+bwd of 16 / 32 / 64 at the 7B
+    layer on an H200 (4.36 / 4.05 / 4.23 ms) and within noise of the best at the issue's other
+    two shapes (docs/benchmarks.md)."""
     option = SPLIT_OPTIONS.state_bwd_block_v if backward else SPLIT_OPTIONS.state_fwd_block_v
     if option:
         return option
     wgmma = uses_wgmma(device)
     largest = min(64 if wgmma else 32, max(16, triton.next_power_of_2(value_dim)))
+    if backward and concurrent:
+        return min(32, largest)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     block_v = 16
     while block_v < largest and (programs_per_tile * triton.cdiv(value_dim, block_v)
@@ -198,15 +244,18 @@ def _split_buffer(like: torch.Tensor, *shape: int, terms: int = 2) -> torch.Tens
 
 def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int):
     """W (split), U, kscale; with do (backward) also T (split), qscale and P^T dO; and f16, the
-    float16 (W, kscale * k) for the forward state pass (`_f16_state_forward`), or None. W is None
-    when only the float16 pass reads it (f16 without do)."""
+    float16 operands of the float16 state passes, (W, kscale * k, qscale * q for the reverse pass
+    or None), or None. W is None when only the float16 passes read it."""
     ntok, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[1], v.shape[2]
     backward = do is not None
+    f16_fwd = _f16_state_forward(k, norm)
+    f16_bwd = backward and _f16_state_backward(k, norm)
     f16 = None
-    if _f16_state_forward(k, norm):
-        f16 = q.new_empty(2, ntok, value_heads, key_dim, dtype=torch.float16)
-    w = None if f16 is not None and not backward else _split_buffer(q, ntok, value_heads, key_dim, terms=_w_terms(k))
+    if f16_fwd or f16_bwd:
+        f16 = tuple(q.new_empty(3 if f16_bwd else 2, ntok, value_heads, key_dim, dtype=torch.float16))
+        f16 += (None,) * (3 - len(f16))
+    w = None if f16_fwd and (f16_bwd or not backward) else _split_buffer(q, ntok, value_heads, key_dim, terms=_w_terms(k))
     u = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)
     kscale = q.new_empty(ntok, value_heads, dtype=torch.float32)
     qscale = torch.empty_like(kscale) if backward else None
@@ -216,11 +265,12 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
         q, k, v, g, beta, do,
         None if w is None else w[0], None if w is None else w[-1], u, kscale, qscale,
         None if tmat is None else tmat[0], None if tmat is None else tmat[1], dvl,
-        None if f16 is None else f16[0], None if f16 is None else f16[1],
+        *(f16 or (None,) * 3),
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
         scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, LOG2_BT=6, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.prepare_block_v, value_dim), NORM=norm, BACKWARD=backward,
-        W_TERMS=_w_terms(k), STORE_W=w is not None, F16=f16 is not None,
+        W_TERMS=_w_terms(k), STORE_W=w is not None, F16=f16 is not None, F16_Q=f16_bwd,
+        INV_F16=_f16_inverse(k, norm),
         num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
     )
     return w, u, kscale, qscale, tmat, dvl, f16
@@ -279,10 +329,25 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     value_heads, value_dim = v.shape[1], v.shape[2]
     block_k = _block_k(key_dim)
     w, u, kscale, qscale, tmat, dvl, f16 = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
-    states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k, f16=f16)
-    del f16
+    # The two sequential passes do not depend on each other (the reverse pass needs no forward
+    # state): on a GPU the recomputing forward pass runs on a side stream, beside the reverse pass.
+    side = _side_stream(q.device)
+    if side is not None:
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k,
+                                         f16=f16 if _f16_state_forward(k, norm) else None)
+    if side is not None:
+        # No block one stream still uses may be handed to the other before that use is done.
+        for x in (k, w, u, g, kscale, initial_state, *(f16 or ()), *layout.tensors()):
+            if x is not None:
+                x.record_stream(side)
+        states.record_stream(main)
+        vnew.record_stream(main)
+    f16_bwd = _f16_state_backward(k, norm)
     state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, q.device, backward=True,
-                             one_term=_one_term_states(k))
+                             one_term=_one_term_states(k) or f16_bwd, concurrent=side is not None)
     del u
     dstates = torch.empty_like(states)
     dvnew = torch.empty_like(vnew)
@@ -290,14 +355,19 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     if initial_state is not None:
         dh0 = q.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
-        q, k, w[0], w[-1], g, kscale, qscale, do, dvl, dht, dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
+        q, k, None if w is None else w[0], None if w is None else w[-1], g, kscale, qscale, do, dvl, dht,
+        dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
+        None if not f16_bwd else f16[0], None if not f16_bwd else f16[1], None if not f16_bwd else f16[2],
         layout.cu_seqlens, layout.chunk_offsets,
         heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=state_v,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k), W_TERMS=w.shape[0],
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k),
+        W_TERMS=2 if w is None else w.shape[0], F16=f16_bwd,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
     )
-    del w, kscale, qscale, dvl
+    del w, kscale, qscale, dvl, f16
+    if side is not None:
+        main.wait_stream(side)
     grid = (layout.num_slots, value_heads)
     dq_hat = q.new_empty(ntok, value_heads, key_dim, dtype=torch.float32)
     dk_hat = torch.empty_like(dq_hat)

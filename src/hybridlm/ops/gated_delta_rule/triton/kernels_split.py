@@ -176,6 +176,26 @@ def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverse_f16(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+    """`_unit_lower_inverse` with one float16 term per product operand (10 matmuls instead of 30):
+    A scaled once, the running inverse and each correction scaled per tile by a power of two
+    (`_f16_scaled`), so neither overflows nor underflows float16 whatever T's growth (beta near 2).
+    About 11 significant bits per operand instead of 16 (benchmarks/gdn_precision_study.py)."""
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    inv = tl.where(ii == jj, 1.0, 0.0) - tl.where((ii // 2) == (jj // 2), A, 0.0)
+    a16, ea = _f16_scaled(A)
+    for level in tl.static_range(2, LOG2_BT + 1):
+        same_block = (ii >> level) == (jj >> level)
+        other_half = (ii >> (level - 1)) != (jj >> (level - 1))
+        c16 = tl.where(same_block & other_half, a16, 0.0).to(tl.float16)
+        i16, ei = _f16_scaled(inv)
+        x16, ex = _f16_scaled(_dot(i16, c16, tl.zeros([BT, BT], dtype=tl.float32)) * (-(ei * ea)))
+        inv += _dot(x16, i16, tl.zeros([BT, BT], dtype=tl.float32)) * (ex * ei)
+    return inv
+
+
+@triton.jit
 def _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT: tl.constexpr):
     """(sequence or -1, chunk index in it, first token t0 (int64), valid rows in the chunk)."""
     seq = tl.load(chunk_seq + slot)
@@ -243,12 +263,12 @@ def _rnorm(x, NORM: tl.constexpr):
 @triton.jit
 def _prepare_kernel(
     q, k, v, g, beta, do,
-    w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl, w16, k16,
+    w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl, w16, k16, q16,
     cu_seqlens, chunk_seq, chunk_local,
     scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
-    STORE_W: tl.constexpr = True,
+    STORE_W: tl.constexpr = True, F16_Q: tl.constexpr = False, INV_F16: tl.constexpr = False,
 ):
     """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
     kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
@@ -256,8 +276,9 @@ def _prepare_kernel(
 
     w_hi, w_lo: [NTOK, HV, K] bf16; u, dvl: [NTOK, HV, V] float32; kscale, qscale: [NTOK, HV]
     float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T). F16: also W and
-    kscale * k in float16 (w16, k16: [NTOK, HV, K]) for the forward state pass's float16 products;
-    STORE_W = False skips w_hi and w_lo (the forward, where only that pass reads W).
+    kscale * k in float16 (w16, k16: [NTOK, HV, K]) for the state passes' float16 products; F16_Q
+    (BACKWARD only): qscale * q too (q16), for the reverse pass's; STORE_W = False skips w_hi and
+    w_lo (where only the float16 passes read W). INV_F16: T by `_unit_lower_inverse_f16`.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -283,7 +304,10 @@ def _prepare_kernel(
     kk = _mm_rr(kx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32))
     decay = tl.exp(tl.where(ii > jj, gam[:, None] - gam[None, :], float("-inf")))
     A = kk * ((bv * rk)[:, None] * rk[None, :]) * decay
-    T = _unit_lower_inverse(A, BT, LOG2_BT)
+    if INV_F16:
+        T = _unit_lower_inverse_f16(A, BT, LOG2_BT)
+    else:
+        T = _unit_lower_inverse(A, BT, LOG2_BT)
 
     hk = (t0 * HV + hv) * K
     th, tl_ = _split(T * (bv * tl.exp(gam) * rk)[None, :])
@@ -301,7 +325,10 @@ def _prepare_kernel(
     if BACKWARD:
         qx = _load(q + qk_base, SQK, n, K, BT, BK)
         rq = _rnorm(qx, NORM)
-        tl.store(qscale + t0 * HV + hv + o_t * HV, scale * rq * tl.exp(gam), mask=o_t < n)
+        qs = scale * rq * tl.exp(gam)
+        tl.store(qscale + t0 * HV + hv + o_t * HV, qs, mask=o_t < n)
+        if F16_Q:
+            _store(q16 + hk, HV * K, n, K, qx.to(tl.float32) * qs[:, None], BT, BK)
         _store_split(t_hi, t_lo, (t0 * HV + hv) * BT, HV * BT, n, BT, T, BT, BT)
         # P^T[j, i] = P[i, j] for i >= j, built directly in transposed form: k_j . q_i.
         pt = _mm_rr(kx, tl.trans(qx), tl.zeros([BT, BT], dtype=tl.float32))
@@ -446,17 +473,22 @@ def _output_kernel(
 
 @triton.jit
 def _state_bwd_kernel(
-    q, k, w_hi, w_lo, g, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0,
+    q, k, w_hi, w_lo, g, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0, w16, k16, q16,
     cu_seqlens, chunk_offsets,
     H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DD_TERMS: tl.constexpr = 2, W_TERMS: tl.constexpr = 2,
+    F16: tl.constexpr = False,
 ):
     """Per (sequence, value head, V tile): the reverse pass over chunks.
 
     With dS the gradient of the state leaving the chunk (stored split in ds_hi/ds_lo[chunk]):
         dDelta = P^T dO + kscale * (k dS)                     (P^T dO precomputed in dvl)
         dS    <- e^gamma_C dS + q^T (qscale * dO) - W^T dDelta
+    F16 = True (as in `_state_fwd_kernel`): the three products of a step take one float16 term of
+    each operand: kscale * k, qscale * q and W as the prepare kernel stored them (k16, q16, w16),
+    dS, dO and dDelta scaled by a power of two per tile. 3 matmuls a step instead of 7; dDelta and
+    dS are still stored split. DD_TERMS, W_TERMS, w_hi and w_lo are then unused.
     """
     n = tl.program_id(0)
     hv = tl.program_id(1)
@@ -484,25 +516,36 @@ def _state_bwd_kernel(
         hk = (t0 * HV + hv) * K
         qk = t0 * SQK + h * K
         hvv = (t0 * HV + hv) * V + iv * BV
-        kx = _load(k + qk, SQK, rows, K, BT, BK)
-        qx = _load(q + qk, SQK, rows, K, BT, BK)
-        wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
         dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
         local = _load(dvl + hvv, HV * V, rows, cols, BT, BV)
-        ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
-        qs = _load_vec(qscale + t0 * HV + hv, HV, rows, BT)
         gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
-        ddelta = local + ks[:, None] * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
-        _store_split(dd_hi, dd_lo, hvv, HV * V, rows, cols, ddelta, BT, BV)
-        oh, ol = _split(dox * qs[:, None])
-        dS = _mm_rs(tl.trans(qx), oh, ol, dS * tl.exp(gam_last))
-        # W^T dDelta; DD_TERMS / W_TERMS = 1 drop dDelta's / W's lo term (dh0 within about 1e-3).
-        ddh, ddl = _split(-ddelta)
-        dS = _dot(tl.trans(wh), ddh, dS)
-        if W_TERMS == 2:
-            dS = _dot(tl.trans(_load(w_lo + hk, HV * K, rows, K, BT, BK)), ddh, dS)
-        if DD_TERMS == 2:
-            dS = _dot(tl.trans(wh), ddl, dS)
+        if F16:
+            ds16, es = _f16_scaled(dS)
+            ddelta = local + _dot(_load(k16 + hk, HV * K, rows, K, BT, BK), ds16, tl.zeros([BT, BV], dtype=tl.float32)) * es
+            _store_split(dd_hi, dd_lo, hvv, HV * V, rows, cols, ddelta, BT, BV)
+            o16, eo = _f16_scaled(dox)
+            qt = tl.trans(_load(q16 + hk, HV * K, rows, K, BT, BK))
+            dS = _dot(qt, o16, tl.zeros([BK, BV], dtype=tl.float32)) * eo + dS * tl.exp(gam_last)
+            dd16, ed = _f16_scaled(ddelta)
+            wt = tl.trans(_load(w16 + hk, HV * K, rows, K, BT, BK))
+            dS -= _dot(wt, dd16, tl.zeros([BK, BV], dtype=tl.float32)) * ed
+        else:
+            kx = _load(k + qk, SQK, rows, K, BT, BK)
+            qx = _load(q + qk, SQK, rows, K, BT, BK)
+            wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
+            ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
+            qs = _load_vec(qscale + t0 * HV + hv, HV, rows, BT)
+            ddelta = local + ks[:, None] * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
+            _store_split(dd_hi, dd_lo, hvv, HV * V, rows, cols, ddelta, BT, BV)
+            oh, ol = _split(dox * qs[:, None])
+            dS = _mm_rs(tl.trans(qx), oh, ol, dS * tl.exp(gam_last))
+            # W^T dDelta; DD_TERMS / W_TERMS = 1 drop dDelta's / W's lo term (dh0 within about 1e-3).
+            ddh, ddl = _split(-ddelta)
+            dS = _dot(tl.trans(wh), ddh, dS)
+            if W_TERMS == 2:
+                dS = _dot(tl.trans(_load(w_lo + hk, HV * K, rows, K, BT, BK)), ddh, dS)
+            if DD_TERMS == 2:
+                dS = _dot(tl.trans(wh), ddl, dS)
     if STORE_DH0:
         _store(dh0 + (n * HV + hv) * kv + iv * BV, V, K, cols, dS, BK, BV)
 

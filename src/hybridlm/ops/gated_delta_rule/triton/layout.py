@@ -37,6 +37,9 @@ class SequenceLayout:
     num_seqs: int
     num_slots: int
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.cu_seqlens, self.chunk_offsets, self.chunk_seq, self.chunk_local
+
 
 def sequence_layout(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> SequenceLayout:
     """The chunk layout of B sequences of length T, or of the packed documents in cu_seqlens (B == 1)."""
