@@ -6,16 +6,17 @@ heads and dims are packed, whatever their token stride (the GDN layer's slices o
 tensor; `chunk._token_rows`): the kernels take the token strides as SQK (q and k) and SV (v). Numerics and tiling: every matmul runs
 on bf16 tensor cores with float32 operands split into two bf16 terms (about float32 accuracy at
 bf16 speed; `kernels_split`'s docstring), except, for bf16 inputs, the states stored for the
-output kernel (one term; more one-term products are opt-in: `KernelOptions`); the backward is
-split into kernels whose accumulators fit 4 warps. The backward recomputes the forward's prepare
-and state passes rather than keeping the per-chunk states alive between forward and backward.
+output kernel (one term) and, with the q/k L2 norm, the two sequential state passes (scaled
+float16 operands); more one-term products are opt-in (`KernelOptions`). The backward is split
+into kernels whose accumulators fit 4 warps. It recomputes the forward's prepare and state passes
+rather than keeping the per-chunk states alive between forward and backward, and on a GPU runs
+that recomputing pass on a side stream beside the reverse pass (they do not depend on each other).
 
-Status: the default GPU backend ("triton-split", auto's choice on CUDA). On an H200 the float64
-comparisons pass with two terms everywhere (bf16 inputs at the bf16 rounding of the outputs,
-1.7e-3; float32 inputs within 1e-5), with Triton's wgmma code generation at the launch settings
-below (the sequential kernels need two pipelining stages there) and with DISABLE_MMA_V3=1; the
-one-term stored states, the default since, move o to at most 2.4e-3 under TRITON_INTERPRET=1 (no
-decay included) and were checked on the GPU only together with the opt-in one-term products.
+Status: the default GPU backend ("triton-split", auto's choice on CUDA). On an H200 with
+Triton's wgmma code generation at the launch settings below (the sequential kernels need two
+pipelining stages there), the float64 checks give at worst 2.42e-3 with bf16 inputs (no decay,
+64K tokens and documents with extreme gates included; the bf16 rounding of the outputs alone is
+1.7e-3) and 7.8e-6 with float32 inputs (docs/benchmarks.md, seventh session).
 
 Wrapped as the torch.library custom op `hybridlm::gdn_chunk_split` (`chunk.define_chunk_op`).
 """
@@ -357,7 +358,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
         q, k, None if w is None else w[0], None if w is None else w[-1], g, kscale, qscale, do, dvl, dht,
         dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
-        None if not f16_bwd else f16[0], None if not f16_bwd else f16[1], None if not f16_bwd else f16[2],
+        *(f16 if f16_bwd else (None,) * 3),
         layout.cu_seqlens, layout.chunk_offsets,
         heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=state_v,

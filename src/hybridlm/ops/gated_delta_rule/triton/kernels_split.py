@@ -32,7 +32,10 @@ choice) gives about 1e-2 (docs/benchmarks.md). Float32 and float16 inputs are sp
 float32 operand. For bf16 inputs the host can take one term instead (constexprs OUT_TERMS and
 STORE_S_LO: the states stored for the output kernel, the default; S_TERMS, W_TERMS, DD_TERMS: S
 and W in the forward pass's W S, dDelta and W in the reverse pass's W^T dDelta, opt-in, since with
-no decay their errors accumulate past the 5e-3 bar; chunk_split.KernelOptions).
+no decay their errors accumulate past the 5e-3 bar; chunk_split.KernelOptions). With bf16 inputs
+and the q/k L2 norm the two state passes take one float16 term per operand instead (constexpr
+F16; the per-step products, about 11 significant bits, scaled by a power of two per tile where
+the range is not bounded); the default, with the worst error against float64 at 2.42e-3.
 
 Every exponent is masked before exp and is <= 0 for g <= 0 (no division by a decay).
 
