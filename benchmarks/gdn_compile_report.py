@@ -79,7 +79,8 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
     for backward in (False, True):
         args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, do=raw if backward else None, w_hi=half, w_lo=half,
                     u=f32, kscale=f32, qscale=f32 if backward else None, t_hi=half if backward else None,
-                    t_lo=half if backward else None, dvl=f32 if backward else None, BV=64, BACKWARD=backward,
+                    t_lo=half if backward else None, dvl=("*fp16" if f16 else f32) if backward else None,
+                    dvl_scale=f32 if f16 and backward else None, BV=64, BACKWARD=backward,
                     W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16,
                     q16="*fp16" if f16 and backward else None, F16_Q=f16 and backward, STORE_W=not f16,
                     INV_F16=f16)
@@ -90,10 +91,11 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     STORE_S_LO=not one_term, W_TERMS=terms, F16=f16, w16="*fp16" if f16 else None,
                     k16="*fp16" if f16 else None)
         runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, state_stages))
-        args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw, dvl=f32,
+        args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
                     STORE_DH0=False, BV=block_v, DD_TERMS=terms, W_TERMS=terms, F16=f16,
-                    w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, q16="*fp16" if f16 else None)
+                    w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, q16="*fp16" if f16 else None,
+                    dvl=("*fp16" if f16 else f32), dvl_scale=f32 if f16 else None, PREP_BV=64)
         runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, state_stages))
     args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=64, OUT_TERMS=terms)
     runs.append(("output", k._output_kernel, args, 4, 2))

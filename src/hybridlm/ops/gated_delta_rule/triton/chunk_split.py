@@ -97,7 +97,9 @@ class KernelOptions:
     f16_state_forward: bool = True
     # Default, same inputs: the reverse state pass multiplies float16 operands likewise (dS, dO and
     # dDelta scaled per tile): 3 matmuls a step instead of 7. Measured on an H200 at the 7B layer,
-    # passes in order at V tile 64: the reverse pass 1.09 -> 1.03 ms (it is latency-bound).
+    # passes in order at V tile 64: the reverse pass 1.09 -> 1.03 ms (it is latency-bound). P^T dO
+    # comes in float16 too (scaled per tile), so that two reverse programs of V tile 32 fit an SM:
+    # fwd+bwd at the issue's three shapes 4.08 / 4.19 / 3.47 -> 4.05 / 4.02 / 3.17 ms.
     f16_state_backward: bool = True
     # Opt-in, same inputs: the prepare kernel's triangular inverse T = (I + A)^-1 with float16
     # products (10 matmuls a chunk instead of 30), in the forward and the backward alike. Measured
@@ -192,7 +194,9 @@ def _output_terms(q: torch.Tensor) -> int:
 # K tile 128): with wgmma at 2 stages, by shared memory: one-term products (bf16 inputs) forward
 # 74 / 84 / 104 KB at V tiles 16 / 32 / 64, reverse 112 / 128 / 160 KB; the float16 forward pass
 # (one term too) 72 / 80 / 96 KB; two terms forward 110 KB at V tile 16, everything else
-# 124-193 KB. With mma.sync at one stage, registers allow two.
+# 124-193 KB. With mma.sync at one stage, registers allow two. The float16 reverse pass (104 / 112
+# / 128 KB) is counted like the one-term one, one program per SM at V tile 32 where two fit; that
+# matters only with `concurrent_state_passes` off, and was left so for want of a measurement.
 def _per_sm(backward: bool, block_v: int, wgmma: bool, one_term: bool) -> int:
     if not wgmma:
         return 2
@@ -244,7 +248,9 @@ def _split_buffer(like: torch.Tensor, *shape: int, terms: int = 2) -> torch.Tens
 
 
 def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int):
-    """W (split), U, kscale; with do (backward) also T (split), qscale and P^T dO; and f16, the
+    """W (split), U, kscale; with do (backward) also T (split), qscale and P^T dO (with the reverse
+    pass's float16 products: float16, with its scales per tile and the V tile, else float32, None,
+    and the V tile); and f16, the
     float16 operands of the float16 state passes, (W, kscale * k, qscale * q for the reverse pass
     or None), or None. W is None when only the float16 passes read it."""
     ntok, heads, key_dim = q.shape
@@ -261,20 +267,25 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
     kscale = q.new_empty(ntok, value_heads, dtype=torch.float32)
     qscale = torch.empty_like(kscale) if backward else None
     tmat = _split_buffer(q, ntok, value_heads, CHUNK) if backward else None
-    dvl = torch.empty_like(u) if backward else None
+    prep_v = _v_tile(SPLIT_OPTIONS.prepare_block_v, value_dim)
+    dvl = dvl_scale = None
+    if backward:
+        dvl = torch.empty_like(u, dtype=torch.float16 if f16_bwd else torch.float32)
+    if f16_bwd:
+        dvl_scale = q.new_empty(layout.num_slots, value_heads, triton.cdiv(value_dim, prep_v), dtype=torch.float32)
     kernels._prepare_kernel[(layout.num_slots, value_heads)](
         q, k, v, g, beta, do,
         None if w is None else w[0], None if w is None else w[-1], u, kscale, qscale,
         None if tmat is None else tmat[0], None if tmat is None else tmat[1], dvl,
-        *(f16 or (None,) * 3),
+        *(f16 or (None,) * 3), dvl_scale,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
         scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
-        BT=CHUNK, LOG2_BT=6, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.prepare_block_v, value_dim), NORM=norm, BACKWARD=backward,
+        BT=CHUNK, LOG2_BT=6, BK=block_k, BV=prep_v, NORM=norm, BACKWARD=backward,
         W_TERMS=_w_terms(k), STORE_W=w is not None, F16=f16 is not None, F16_Q=f16_bwd,
         INV_F16=_f16_inverse(k, norm),
         num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
     )
-    return w, u, kscale, qscale, tmat, dvl, f16
+    return w, u, kscale, qscale, tmat, (dvl, dvl_scale, prep_v), f16
 
 
 def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_terms=2, f16=None):
@@ -329,7 +340,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     ntok, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[1], v.shape[2]
     block_k = _block_k(key_dim)
-    w, u, kscale, qscale, tmat, dvl, f16 = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
+    w, u, kscale, qscale, tmat, (dvl, dvl_scale, prep_v), f16 = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
     # The two sequential passes do not depend on each other (the reverse pass needs no forward
     # state): on a GPU the recomputing forward pass runs on a side stream, beside the reverse pass.
     side = _side_stream(q.device)
@@ -358,15 +369,15 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
         q, k, None if w is None else w[0], None if w is None else w[-1], g, kscale, qscale, do, dvl, dht,
         dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
-        *(f16 if f16_bwd else (None,) * 3),
+        *(f16 if f16_bwd else (None,) * 3), dvl_scale,
         layout.cu_seqlens, layout.chunk_offsets,
         heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k),
-        W_TERMS=2 if w is None else w.shape[0], F16=f16_bwd,
+        W_TERMS=2 if w is None else w.shape[0], F16=f16_bwd, PREP_BV=prep_v,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
     )
-    del w, kscale, qscale, dvl, f16
+    del w, kscale, qscale, dvl, dvl_scale, f16
     if side is not None:
         main.wait_stream(side)
     grid = (layout.num_slots, value_heads)

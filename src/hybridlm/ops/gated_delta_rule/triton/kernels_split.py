@@ -266,7 +266,7 @@ def _rnorm(x, NORM: tl.constexpr):
 @triton.jit
 def _prepare_kernel(
     q, k, v, g, beta, do,
-    w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl, w16, k16, q16,
+    w_hi, w_lo, u, kscale, qscale, t_hi, t_lo, dvl, w16, k16, q16, dvl_scale,
     cu_seqlens, chunk_seq, chunk_local,
     scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -280,7 +280,8 @@ def _prepare_kernel(
     w_hi, w_lo: [NTOK, HV, K] bf16; u, dvl: [NTOK, HV, V] float32; kscale, qscale: [NTOK, HV]
     float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T). F16: also W and
     kscale * k in float16 (w16, k16: [NTOK, HV, K]) for the state passes' float16 products; F16_Q
-    (BACKWARD only): qscale * q too (q16), for the reverse pass's; STORE_W = False skips w_hi and
+    (BACKWARD only): qscale * q too (q16), and P^T dO in float16 (dvl), each [BT, BV] tile scaled by
+    a power of two stored in dvl_scale[slot, hv, V tile] (float32), for the reverse pass's; STORE_W = False skips w_hi and
     w_lo (where only the float16 passes read W). INV_F16: T by `_unit_lower_inverse_f16`.
     """
     slot = tl.program_id(0)
@@ -346,7 +347,13 @@ def _prepare_kernel(
         _store(u + hvv + iv * BV, HV * V, n, cols, _mm_sr(th, tl_, vx, tl.zeros([BT, BV], dtype=tl.float32)), BT, BV)
         if BACKWARD:
             dox = _load(do + hvv + iv * BV, HV * V, n, cols, BT, BV)
-            _store(dvl + hvv + iv * BV, HV * V, n, cols, _mm_sr(ph, pl, dox, tl.zeros([BT, BV], dtype=tl.float32)), BT, BV)
+            pdo = _mm_sr(ph, pl, dox, tl.zeros([BT, BV], dtype=tl.float32))
+            if F16_Q:
+                pdo16, ep = _f16_scaled(pdo)
+                _store(dvl + hvv + iv * BV, HV * V, n, cols, pdo16, BT, BV)
+                tl.store(dvl_scale + (slot.to(tl.int64) * HV + hv) * tl.cdiv(V, BV) + iv, ep)
+            else:
+                _store(dvl + hvv + iv * BV, HV * V, n, cols, pdo, BT, BV)
 
 
 @triton.jit
@@ -476,12 +483,12 @@ def _output_kernel(
 
 @triton.jit
 def _state_bwd_kernel(
-    q, k, w_hi, w_lo, g, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0, w16, k16, q16,
+    q, k, w_hi, w_lo, g, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0, w16, k16, q16, dvl_scale,
     cu_seqlens, chunk_offsets,
     H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DD_TERMS: tl.constexpr = 2, W_TERMS: tl.constexpr = 2,
-    F16: tl.constexpr = False,
+    F16: tl.constexpr = False, PREP_BV: tl.constexpr = 64,
 ):
     """Per (sequence, value head, V tile): the reverse pass over chunks.
 
@@ -491,7 +498,9 @@ def _state_bwd_kernel(
     F16 = True (as in `_state_fwd_kernel`): the three products of a step take one float16 term of
     each operand: kscale * k, qscale * q and W as the prepare kernel stored them (k16, q16, w16),
     dS, dO and dDelta scaled by a power of two per tile. 3 matmuls a step instead of 7; dDelta and
-    dS are still stored split. DD_TERMS, W_TERMS, w_hi and w_lo are then unused.
+    dS are still stored split. DD_TERMS, W_TERMS, w_hi and w_lo are then unused. P^T dO comes in
+    float16 too (dvl, with the prepare kernel's scales per tile of PREP_BV columns in dvl_scale):
+    half the shared memory of its float32 tile, so that two programs of V tile 32 fit an SM.
     """
     n = tl.program_id(0)
     hv = tl.program_id(1)
@@ -520,7 +529,11 @@ def _state_bwd_kernel(
         qk = t0 * SQK + h * K
         hvv = (t0 * HV + hv) * V + iv * BV
         dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
-        local = _load(dvl + hvv, HV * V, rows, cols, BT, BV)
+        local = _load(dvl + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
+        if F16:
+            col = iv * BV + tl.arange(0, BV)
+            tile_scale = tl.load(dvl_scale + ((c0 + c) * HV + hv) * tl.cdiv(V, PREP_BV) + col // PREP_BV, mask=col < V, other=0.0)
+            local = local * tile_scale[None, :]
         gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
         if F16:
             ds16, es = _f16_scaled(dS)
