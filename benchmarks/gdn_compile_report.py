@@ -69,7 +69,8 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
     (chunk_split.KernelOptions); the sequential kernels at each V tile of state_block_vs. one_term:
     the opt-in one-term products (`one_term_state_products`, `one_term_output_states`, `one_term_w`);
     f16: the scaled float16 products of the defaults for bf16 inputs with the L2 norm
-    (`f16_state_forward`, `f16_state_backward`, `f16_inverse`)."""
+    (`f16_state_forward`, `f16_state_backward`, `f16_grad_states` with `fuse_qk_norm_backward`, and
+    the opt-in `f16_inverse`)."""
     terms = 1 if one_term else 2
     k = load("kernels_split")
     raw, half, f32 = "*bf16", "*bf16", "*fp32"
@@ -83,28 +84,47 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     dvl_scale=f32 if f16 and backward else None, BV=64, BACKWARD=backward,
                     W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16,
                     q16="*fp16" if f16 and backward else None, F16_Q=f16 and backward, STORE_W=not f16,
-                    INV_F16=f16)
+                    INV_F16=f16, chunk_offsets="*i32", decay=f32, do16="*fp16" if f16 and backward else None,
+                    do_scale=f32 if f16 and backward else None)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
     for block_v in state_block_vs:
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
                     d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v, S_TERMS=terms,
                     STORE_S_LO=not one_term, W_TERMS=terms, F16=f16, w16="*fp16" if f16 else None,
-                    k16="*fp16" if f16 else None)
+                    k16="*fp16" if f16 else None, s_scale=f32 if f16 else None, STORE_F16=f16, decay=f32)
+        if f16:
+            args.update(s_hi="*fp16", s_lo="*fp16")
         runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, state_stages))
         args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
                     STORE_DH0=False, BV=block_v, DD_TERMS=terms, W_TERMS=terms, F16=f16,
                     w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, q16="*fp16" if f16 else None,
-                    dvl=("*fp16" if f16 else f32), dvl_scale=f32 if f16 else None, PREP_BV=64)
+                    dvl=("*fp16" if f16 else f32), dvl_scale=f32 if f16 else None, PREP_BV=64,
+                    ds_scale=f32 if f16 else None, STORE_F16=f16, decay=f32, do16="*fp16" if f16 else None,
+                    do_scale=f32 if f16 else None)
+        if f16:
+            args.update(ds_hi="*fp16", ds_lo="*fp16")
         runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, state_stages))
-    args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi=half, d_lo=half, o=raw, BV=64, OUT_TERMS=terms)
+    args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi="*fp16" if f16 else half,
+                d_lo="*fp16" if f16 else half, o=raw, BV=64, OUT_TERMS=1 if f16 else terms,
+                d_scale=f32 if f16 else None, D_F16=f16, D_BV=32)
     runs.append(("output", k._output_kernel, args, 4, 2))
     args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, t_hi=half, t_lo=half, d_hi=half, d_lo=half, dd_hi=half,
-                dd_lo=half, do=raw, scratch=f32, dv=raw, dvb_out=f32, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=32, TERMS=grad_terms)
+                dd_lo=half, do=raw, scratch=f32, dv=raw, dvb_out=f32, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=32, TERMS=grad_terms,
+                max_d_out=f32 if f16 else None, max_b_out=f32 if f16 else None, ROWMAX=f16)
     runs.append(("gradients within the chunk", k._grad_local_kernel, args, 4, 3))
+    args = dict(common, q=raw, g=f32, s_hi=half, s_lo=half, do=raw, dq_state=f32, dgam_q=f32, BV=32,
+                TERMS=grad_terms, s_scale=f32 if f16 else None, F16=f16, S_BV=32)
+    if f16:
+        args.update(s_hi="*fp16", s_lo="*fp16")
+    runs.append(("gradient of q through the states", k._grad_q_kernel, args, 4, 3))
     args = dict(common, q=raw, k=raw, g=f32, beta=f32, s_hi=half, s_lo=half, ds_hi=half,
-                ds_lo=half, d_hi=half, d_lo=half, dvb_in=f32, do=raw, dq_part=f32, dk_part=f32,
-                dbeta_part=f32, dgam_part=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32, BV=16, TERMS=grad_terms)
+                ds_lo=half, d_hi=half, d_lo=half, dvb_in=f32, dq_part=f32, dk_part=f32,
+                dbeta_part=f32, dgam_part=f32, dq_state=f32, dgam_q=f32, dq_hat=f32, dk_hat=f32, dbeta=f32, dg=f32,
+                BV=16, TERMS=grad_terms, s_scale=f32 if f16 else None, ds_scale=f32 if f16 else None, F16=f16,
+                S_BV=32, DS_BV=32, max_d=f32 if f16 else None, max_b=f32 if f16 else None, FUSE_NORM=f16)
+    if f16:
+        args.update(s_hi="*fp16", s_lo="*fp16", ds_hi="*fp16", ds_lo="*fp16", dq_hat=raw, dk_hat=raw)
     runs.append(("gradients through the states", k._grad_state_kernel, args, 4, 3))
     args = dict(q=raw, k=raw, dq_hat=f32, dk_hat=f32, dq=raw, dk=raw, NTOK="i32", H="i32", HV="i32", K="i32",
                 SQK="i32", BT=64, BK=block_k, NORM=True)

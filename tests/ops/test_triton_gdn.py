@@ -225,6 +225,9 @@ def test_split_launch_settings(monkeypatch):
     # the chooser never counts more than two.
     assert chunk_split._state_block_v(192, 30, cpu, backward=False, one_term=True) == 32  # 180 <= 264
     assert chunk_split._state_block_v(192, 30, cpu, backward=True, one_term=True) == 64
+    # The float16 reverse pass fits two programs of V tile 32 per SM (112 KB).
+    assert chunk_split._state_block_v(192, 30, cpu, backward=True, one_term=True, f16=True) == 32
+    assert chunk_split._state_block_v(192, 60, cpu, backward=True, one_term=True, f16=True) == 64
     # Beside the recomputing forward pass (two streams), the reverse pass takes V tile 32.
     assert chunk_split._state_block_v(192, 30, cpu, backward=True, one_term=True, concurrent=True) == 32
     assert chunk_split._state_block_v(16, 30, cpu, backward=True, concurrent=True) == 16
@@ -369,3 +372,65 @@ def test_split_no_decay_bfloat16_defaults():
     q, k, v, g, beta, h0 = _inputs(1, 640, 1, 2, 64, 64, seed=18)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, torch.zeros_like(g), beta, h0, tol=5e-3)
+
+
+def _grads_with(monkeypatch, options: dict, q, k, v, g, beta, h0, do_scale=1.0):
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    for name, value in options.items():
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, name, value)
+    inputs = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    o, s = chunk_gated_delta_rule_triton_split(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+    gen = torch.Generator().manual_seed(4)
+    do = (torch.randn(o.shape, generator=gen) * do_scale).bfloat16()
+    dht = torch.randn(s.shape, generator=gen) * do_scale
+    return [o] + list(torch.autograd.grad((o.float() * do.float()).sum() + (s * dht).sum(), inputs))
+
+
+@pytest.mark.parametrize("case", ["no decay", "value columns 1e-6..1e6", "dO * 3e4", "extreme gates, documents"])
+def test_split_f16_gradient_kernels(monkeypatch, case):
+    # The float16 states of the gradient kernels (`f16_grad_states`, default for bf16 inputs with the
+    # L2 norm) and the float16 P Delta of the output kernel (`f16_output_delta`): results move from
+    # the two-term ones by about float16 rounding and stay within the 5e-3 bar of float64, with no
+    # decay, with value columns (so the state tiles' scales) 2^40 apart, with dO far outside float16's
+    # range, and with extreme gates across documents (rows of Delta and dVb scaled per row).
+    q, k, v, g, beta, h0 = _inputs(1, 260, 2, 2, 32, 64, seed=31)
+    do_scale = 3e4 if case == "dO * 3e4" else 1.0
+    if case == "no decay":
+        g = torch.zeros_like(g)
+    if case.startswith("value columns"):
+        cols = torch.logspace(-6, 6, 64)
+        v, h0 = v * cols, h0 * cols
+    if case.startswith("extreme"):
+        g = torch.where(torch.rand(g.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -30.0, g)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    off = dict(f16_grad_states=False, f16_output_delta=False)
+    base = _grads_with(monkeypatch, off, q, k, v, g, beta, h0, do_scale)
+    f16 = _grads_with(monkeypatch, dict(f16_grad_states=True, f16_output_delta=True), q, k, v, g, beta, h0, do_scale)
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg", "dbeta", "dh0"], f16, base):
+        assert torch.isfinite(a).all() and _rel(a, b) < 2e-3, name
+    assert _rel(f16[0], base[0]) > 1e-6 and _rel(f16[2], base[2]) > 1e-6  # both float16 paths ran
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, tol=5e-3, do_scale=do_scale)
+
+
+def test_split_fused_qk_norm_backward(monkeypatch):
+    # With one value head per q/k head the gradient kernel goes back through the L2 norms itself; dq
+    # and dk must equal the separate norm kernel's up to the float32 -> bf16 rounding order, with and
+    # without the norm, and grouped values (HV > H) must keep the separate kernel.
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    for heads, value_heads, norm in [(2, 2, True), (2, 2, False), (1, 2, True)]:
+        q, k, v, g, beta, h0 = _inputs(1, 150, heads, value_heads, 32, 32, seed=33)
+        if not norm:  # unit keys, else the recurrence with beta up to 2 diverges
+            q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        results = []
+        for fuse in (False, True):
+            monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "fuse_qk_norm_backward", fuse)
+            inputs = [x.detach().requires_grad_(True) for x in (q, k)]
+            o = chunk_gated_delta_rule_triton_split(*inputs, v, g, beta, initial_state=h0, use_qk_l2norm=norm)[0]
+            do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+            results.append(torch.autograd.grad(o, inputs, do))
+        for a, b in zip(*results):
+            assert torch.isfinite(a).all() and torch.isfinite(b).all() and _rel(b, a) < 2**-8, (heads, value_heads, norm)
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, *_inputs(1, 150, 2, 2, 32, 32, seed=34))

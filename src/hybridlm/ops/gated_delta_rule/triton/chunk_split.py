@@ -7,16 +7,17 @@ tensor; `chunk._token_rows`): the kernels take the token strides as SQK (q and k
 on bf16 tensor cores with float32 operands split into two bf16 terms (about float32 accuracy at
 bf16 speed; `kernels_split`'s docstring), except, for bf16 inputs, the states stored for the
 output kernel (one term) and, with the q/k L2 norm, the two sequential state passes (scaled
-float16 operands); more one-term products are opt-in (`KernelOptions`). The backward is split
+float16 operands, which the gradient and output kernels then also multiply in float16); more
+one-term products are opt-in (`KernelOptions`). The backward is split
 into kernels whose accumulators fit 4 warps. It recomputes the forward's prepare and state passes
 rather than keeping the per-chunk states alive between forward and backward, and on a GPU runs
 that recomputing pass on a side stream beside the reverse pass (they do not depend on each other).
 
 Status: the default GPU backend ("triton-split", auto's choice on CUDA). On an H200 with
 Triton's wgmma code generation at the launch settings below (the sequential kernels need two
-pipelining stages there), the float64 checks give at worst 2.42e-3 with bf16 inputs (no decay,
+pipelining stages there), the float64 checks give at worst 2.44e-3 with bf16 inputs (no decay,
 64K tokens and documents with extreme gates included; the bf16 rounding of the outputs alone is
-1.7e-3) and 7.8e-6 with float32 inputs (docs/benchmarks.md, seventh session).
+1.7e-3) and 7.8e-6 with float32 inputs (docs/benchmarks.md, eighth session).
 
 Wrapped as the torch.library custom op `hybridlm::gdn_chunk_split` (`chunk.define_chunk_op`).
 """
@@ -70,6 +71,8 @@ class KernelOptions:
     stages_grad_local: int = 3
     grad_state_block_v: int = 16
     stages_grad_state: int = 3
+    grad_q_block_v: int = 32
+    stages_grad_q: int = 3
     warps_grad_local: int = 4
     warps_grad_state: int = 4
     # One bf16 term instead of two, for bf16 inputs only (float32 and float16 inputs keep both).
@@ -112,6 +115,22 @@ class KernelOptions:
     # layer: fwd+bwd 4.46 -> 4.23 ms, 4.05 with the reverse pass at V tile 32 (`_state_block_v`);
     # outputs and gradients bitwise equal to the passes in order.
     concurrent_state_passes: bool = True
+    # Default, with both float16 state passes: the passes store S and dS as they multiply them
+    # (float16, a power-of-two scale per V tile) instead of two bf16 terms, and `_grad_q_kernel`
+    # and `_grad_state_kernel` take one float16 term per operand (dO, Delta, dVb scaled per row).
+    # Measured on an H200 at the 7B layer (eighth session): fwd+bwd 4.01 -> 3.86 ms, both passes
+    # faster (fewer stores) and the gradient kernel 0.92 -> 0.79 ms; float64 checks unchanged.
+    f16_grad_states: bool = True
+    # With one value head per q/k head (HV == H), the gradient kernel through the states goes back
+    # through the q/k L2 norms itself and stores dq, dk (no float32 dq_hat, dk_hat round trip):
+    # fwd+bwd 4.07 -> 4.00 ms at the 7B layer.
+    fuse_qk_norm_backward: bool = True
+    # Default, with the float16 forward state pass: in the forward, the pass stores Delta as it
+    # multiplies it (float16, a power-of-two scale per V tile) and the output kernel multiplies
+    # P Delta in float16 (P is bounded by the scale with the L2 norm): one matmul instead of three,
+    # 72 instead of 120 KB of shared memory. Forward 0.86 -> 0.79 ms at the 7B layer; o's error
+    # against float64 moves by about 3e-5.
+    f16_output_delta: bool = True
 
 
 SPLIT_OPTIONS = KernelOptions()
@@ -175,6 +194,11 @@ def _f16_state_backward(k: torch.Tensor, norm: bool) -> bool:
     return SPLIT_OPTIONS.f16_state_backward and norm and k.dtype == torch.bfloat16
 
 
+def _f16_grads(k: torch.Tensor, norm: bool) -> bool:
+    """Whether the gradient kernel reads the states in float16 as both float16 passes multiplied them."""
+    return SPLIT_OPTIONS.f16_grad_states and _f16_state_forward(k, norm) and _f16_state_backward(k, norm)
+
+
 def _f16_inverse(k: torch.Tensor, norm: bool) -> bool:
     """Whether the prepare kernel inverts with float16 products (bf16 inputs, with the L2 norm)."""
     return SPLIT_OPTIONS.f16_inverse and norm and k.dtype == torch.bfloat16
@@ -193,13 +217,13 @@ def _output_terms(q: torch.Tensor) -> int:
 # Programs of each sequential kernel one SM holds (benchmarks/gdn_compile_report.py, Triton 3.6,
 # K tile 128): with wgmma at 2 stages, by shared memory: one-term products (bf16 inputs) forward
 # 74 / 84 / 104 KB at V tiles 16 / 32 / 64, reverse 112 / 128 / 160 KB; the float16 forward pass
-# (one term too) 72 / 80 / 96 KB; two terms forward 110 KB at V tile 16, everything else
-# 124-193 KB. With mma.sync at one stage, registers allow two. The float16 reverse pass (104 / 112
-# / 128 KB) is counted like the one-term one, one program per SM at V tile 32 where two fit; that
-# matters only with `concurrent_state_passes` off, and was left so for want of a measurement.
-def _per_sm(backward: bool, block_v: int, wgmma: bool, one_term: bool) -> int:
+# (one term too) 72 / 80 / 96 KB, the float16 reverse pass 104 / 112 / 128 KB; two terms forward
+# 110 KB at V tile 16, everything else 124-193 KB. With mma.sync at one stage, registers allow two.
+def _per_sm(backward: bool, block_v: int, wgmma: bool, one_term: bool, f16: bool = False) -> int:
     if not wgmma:
         return 2
+    if f16 and backward:
+        return {16: 2, 32: 2, 64: 1}[block_v]
     if one_term:
         return {16: 2, 32: 1, 64: 1}[block_v] if backward else {16: 3, 32: 2, 64: 2}[block_v]
     return 2 if not backward and block_v == 16 else 1
@@ -213,7 +237,7 @@ def _block_k(key_dim: int) -> int:
 
 
 def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device, backward: bool,
-                   one_term: bool = False, concurrent: bool = False) -> int:
+                   one_term: bool = False, concurrent: bool = False, f16: bool = False) -> int:
     """V tile of a sequential kernel, which runs one program per (sequence, value head, V tile)
     through all the chunks: the smallest tile (more, shorter programs hide more latency) whose
     programs all run at once at no more than two per SM (three forward programs of V tile 16 per SM
@@ -221,7 +245,7 @@ def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device,
     concurrent: the reverse pass shares the GPU with the recomputing forward pass
     (`concurrent_state_passes`); V tile 32 then, the fastest fwd+bwd of 16 / 32 / 64 at the 7B
     layer on an H200 (4.36 / 4.05 / 4.23 ms) and within noise of the best at the issue's other
-    two shapes (docs/benchmarks.md)."""
+    two shapes (docs/benchmarks.md). f16: the float16 reverse pass (its shared memory, `_per_sm`)."""
     option = SPLIT_OPTIONS.state_bwd_block_v if backward else SPLIT_OPTIONS.state_fwd_block_v
     if option:
         return option
@@ -232,7 +256,7 @@ def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device,
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     block_v = 16
     while block_v < largest and (programs_per_tile * triton.cdiv(value_dim, block_v)
-                                 > sms * min(2, _per_sm(backward, block_v, wgmma, one_term))):
+                                 > sms * min(2, _per_sm(backward, block_v, wgmma, one_term, f16))):
         block_v *= 2
     return block_v
 
@@ -248,9 +272,9 @@ def _split_buffer(like: torch.Tensor, *shape: int, terms: int = 2) -> torch.Tens
 
 
 def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int):
-    """W (split), U, kscale; with do (backward) also T (split), qscale and P^T dO (with the reverse
-    pass's float16 products: float16, with its scales per tile and the V tile, else float32, None,
-    and the V tile); and f16, the
+    """W (split), U, kscale, the decays e^gamma_C per chunk; with do (backward) also T (split),
+    qscale and P^T dO (with the reverse pass's float16 products: P^T dO and dO in float16 with their
+    scales per tile, and the V tile; else P^T dO float32, three None and the V tile); and f16, the
     float16 operands of the float16 state passes, (W, kscale * k, qscale * q for the reverse pass
     or None), or None. W is None when only the float16 passes read it."""
     ntok, heads, key_dim = q.shape
@@ -271,8 +295,12 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
     dvl = dvl_scale = None
     if backward:
         dvl = torch.empty_like(u, dtype=torch.float16 if f16_bwd else torch.float32)
+    do16 = do_scale = None
     if f16_bwd:
         dvl_scale = q.new_empty(layout.num_slots, value_heads, triton.cdiv(value_dim, prep_v), dtype=torch.float32)
+        do16 = torch.empty_like(dvl)
+        do_scale = torch.empty_like(dvl_scale)
+    decay = q.new_empty(layout.num_slots, value_heads, dtype=torch.float32)  # e^gamma_C per chunk
     kernels._prepare_kernel[(layout.num_slots, value_heads)](
         q, k, v, g, beta, do,
         None if w is None else w[0], None if w is None else w[-1], u, kscale, qscale,
@@ -282,36 +310,51 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
         scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, LOG2_BT=6, BK=block_k, BV=prep_v, NORM=norm, BACKWARD=backward,
         W_TERMS=_w_terms(k), STORE_W=w is not None, F16=f16 is not None, F16_Q=f16_bwd,
-        INV_F16=_f16_inverse(k, norm),
+        INV_F16=_f16_inverse(k, norm), chunk_offsets=layout.chunk_offsets, decay=decay, do16=do16, do_scale=do_scale,
         num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
     )
-    return w, u, kscale, qscale, tmat, (dvl, dvl_scale, prep_v), f16
+    return w, u, kscale, decay, qscale, tmat, (dvl, dvl_scale, do16, do_scale, prep_v), f16
 
 
-def _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k, state_terms=2, f16=None):
-    """Chunk-entry states [state_terms, NCHUNK, HV, K, V] and Delta [2, NTOK, HV, V] (split), final state."""
+def _state_forward(k, w, u, g, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=2,
+                   f16=None, f16_states=False, f16_delta=False):
+    """Chunk-entry states [state_terms, NCHUNK, HV, K, V], Delta [2, NTOK, HV, V] (split), the final
+    state, and (the states' scales, Delta's scales, the pass's V tile). With f16_states / f16_delta
+    (float16 pass only) the states / Delta are float16, [1, NCHUNK, HV, K, V] / [1, NTOK, HV, V],
+    with scales [NCHUNK, HV, V tiles]; otherwise those scales are None."""
     ntok, value_heads, value_dim = u.shape
     key_dim = k.shape[2]
-    # num_slots >= chunks
-    states = _split_buffer(u, layout.num_slots, value_heads, key_dim, value_dim, terms=state_terms)
-    vnew = _split_buffer(u, ntok, value_heads, value_dim)
     state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, k.device, backward=False,
                              one_term=_one_term_states(k) or f16 is not None)
+    # num_slots >= chunks
+    s_scale = None
+    if f16_states:
+        states = u.new_empty(1, layout.num_slots, value_heads, key_dim, value_dim, dtype=torch.float16)
+        s_scale = u.new_empty(layout.num_slots, value_heads, triton.cdiv(value_dim, state_v))
+    else:
+        states = _split_buffer(u, layout.num_slots, value_heads, key_dim, value_dim, terms=state_terms)
+    d_scale = None
+    if f16_delta:
+        vnew = u.new_empty(1, ntok, value_heads, value_dim, dtype=torch.float16)
+        d_scale = u.new_empty(layout.num_slots, value_heads, triton.cdiv(value_dim, state_v))
+    else:
+        vnew = _split_buffer(u, ntok, value_heads, value_dim)
     final = None
     if output_final_state:
         final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_fwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
         k, None if w is None else w[0], None if w is None else w[-1], u, g, kscale, initial_state,
-        states[0], states[-1], vnew[0], vnew[1], final,
+        states[0], states[-1], vnew[0], vnew[-1], final,
         None if f16 is None else f16[0], None if f16 is None else f16[1],
         layout.cu_seqlens, layout.chunk_offsets,
         k.shape[1], value_heads, key_dim, value_dim, k.stride(0), u.stride(0),
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state, S_TERMS=_state_terms(k),
         STORE_S_LO=state_terms == 2, W_TERMS=_w_terms(k), F16=f16 is not None,
+        s_scale=s_scale, STORE_F16=f16_states, decay=decay, d_scale=d_scale, D_F16=f16_delta,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
-    return states, vnew, final
+    return states, vnew, final, (s_scale, d_scale, state_v)
 
 
 def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout: SequenceLayout, norm: bool):
@@ -319,17 +362,20 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout:
     heads, key_dim = q.shape[1], q.shape[2]
     value_heads, value_dim = v.shape[1], v.shape[2]
     block_k = _block_k(key_dim)
-    w, u, kscale, _, _, _, f16 = _prepare(q, k, v, g, beta, None, scale, layout, norm, block_k)
+    w, u, kscale, decay, _, _, _, f16 = _prepare(q, k, v, g, beta, None, scale, layout, norm, block_k)
     out_terms = _output_terms(q)
-    states, vnew, final = _state_forward(k, w, u, g, kscale, initial_state, output_final_state, layout, block_k,
-                                         state_terms=out_terms, f16=f16)
-    del w, u, kscale, f16
+    f16_delta = f16 is not None and SPLIT_OPTIONS.f16_output_delta
+    states, vnew, final, (_, d_scale, state_v) = _state_forward(
+        k, w, u, g, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=out_terms,
+        f16=f16, f16_delta=f16_delta)
+    del w, u, kscale, decay, f16
     o = v.new_empty(v.shape, dtype=q.dtype)
     kernels._output_kernel[(layout.num_slots, value_heads)](
-        q, k, g, states[0], states[-1], vnew[0], vnew[1], o,
+        q, k, g, states[0], states[-1], vnew[0], vnew[-1], o,
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
         scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.output_block_v, value_dim), NORM=norm, OUT_TERMS=out_terms,
+        d_scale=d_scale, D_F16=f16_delta, D_BV=state_v,
         num_warps=SPLIT_OPTIONS.warps_output, num_stages=SPLIT_OPTIONS.stages_output,
     )
     return o, final
@@ -340,46 +386,73 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     ntok, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[1], v.shape[2]
     block_k = _block_k(key_dim)
-    w, u, kscale, qscale, tmat, (dvl, dvl_scale, prep_v), f16 = _prepare(q, k, v, g, beta, do, scale, layout, norm, block_k)
+    w, u, kscale, decay, qscale, tmat, (dvl, dvl_scale, do16, do_scale, prep_v), f16 = _prepare(
+        q, k, v, g, beta, do, scale, layout, norm, block_k)
     # The two sequential passes do not depend on each other (the reverse pass needs no forward
-    # state): on a GPU the recomputing forward pass runs on a side stream, beside the reverse pass.
+    # state): on a GPU the recomputing forward pass runs on a side stream, beside the reverse pass,
+    # and `_grad_q_kernel` follows it there. The main stream waits for the forward pass before
+    # `_grad_local_kernel` (Delta) and for `_grad_q_kernel` before `_grad_state_kernel`.
     side = _side_stream(q.device)
     if side is not None:
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)
+    f16_grads = _f16_grads(k, norm)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        states, vnew, _ = _state_forward(k, w, u, g, kscale, initial_state, False, layout, block_k,
-                                         f16=f16 if _f16_state_forward(k, norm) else None)
+        states, vnew, _, (s_scale, _, s_block_v) = _state_forward(
+            k, w, u, g, kscale, decay, initial_state, False, layout, block_k,
+            f16=f16 if _f16_state_forward(k, norm) else None, f16_states=f16_grads)
+        states_done = torch.cuda.Event() if side is not None else None
+        if side is not None:
+            states_done.record(side)
+        # The gradient of q through the states needs only them and dO.
+        dq_state = q.new_empty(ntok, value_heads, key_dim, dtype=torch.float32)
+        dgam_q = q.new_empty(ntok, value_heads, dtype=torch.float32)
+        grad_q_v = _v_tile(SPLIT_OPTIONS.grad_q_block_v, value_dim)
+        kernels._grad_q_kernel[(layout.num_slots, value_heads)](
+            q, g, states[0], states[-1], do, dq_state, dgam_q,
+            layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
+            scale, heads, value_heads, key_dim, value_dim, q.stride(0),
+            BT=CHUNK, BK=block_k, BV=min(grad_q_v, s_block_v) if f16_grads else grad_q_v, NORM=norm,
+            TERMS=_grad_terms(q), s_scale=s_scale, F16=f16_grads, S_BV=s_block_v,
+            num_warps=4, num_stages=SPLIT_OPTIONS.stages_grad_q,
+        )
     if side is not None:
         # No block one stream still uses may be handed to the other before that use is done.
-        for x in (k, w, u, g, kscale, initial_state, *(f16 or ()), *layout.tensors()):
+        for x in (q, k, w, u, g, kscale, decay, initial_state, do, *(f16 or ()), *layout.tensors()):
             if x is not None:
                 x.record_stream(side)
-        states.record_stream(main)
-        vnew.record_stream(main)
+        for x in (states, vnew, s_scale, dq_state, dgam_q):
+            if x is not None:
+                x.record_stream(main)
     f16_bwd = _f16_state_backward(k, norm)
     state_v = _state_block_v(value_dim, layout.num_seqs * value_heads, q.device, backward=True,
-                             one_term=_one_term_states(k) or f16_bwd, concurrent=side is not None)
+                             one_term=_one_term_states(k) or f16_bwd, concurrent=side is not None, f16=f16_bwd)
     del u
-    dstates = torch.empty_like(states)
+    ds_scale = None
+    if f16_grads:
+        dstates = q.new_empty(1, layout.num_slots, value_heads, key_dim, value_dim, dtype=torch.float16)
+        ds_scale = q.new_empty(layout.num_slots, value_heads, triton.cdiv(value_dim, state_v), dtype=torch.float32)
+    else:
+        dstates = _split_buffer(q, layout.num_slots, value_heads, key_dim, value_dim)
     dvnew = torch.empty_like(vnew)
     dh0 = None
     if initial_state is not None:
         dh0 = q.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
         q, k, None if w is None else w[0], None if w is None else w[-1], g, kscale, qscale, do, dvl, dht,
-        dstates[0], dstates[1], dvnew[0], dvnew[1], dh0,
+        dstates[0], dstates[-1], dvnew[0], dvnew[1], dh0,
         *(f16 if f16_bwd else (None,) * 3), dvl_scale,
         layout.cu_seqlens, layout.chunk_offsets,
         heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k),
         W_TERMS=2 if w is None else w.shape[0], F16=f16_bwd, PREP_BV=prep_v,
+        ds_scale=ds_scale, STORE_F16=f16_grads, decay=decay, do16=do16, do_scale=do_scale,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
     )
-    del w, kscale, qscale, dvl, dvl_scale, f16
+    del w, kscale, decay, qscale, dvl, dvl_scale, do16, do_scale, f16
     if side is not None:
-        main.wait_stream(side)
+        main.wait_event(states_done)
     grid = (layout.num_slots, value_heads)
     dq_hat = q.new_empty(ntok, value_heads, key_dim, dtype=torch.float32)
     dk_hat = torch.empty_like(dq_hat)
@@ -388,6 +461,8 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     dv = v.new_empty(v.shape)
     scratch = q.new_empty(layout.num_slots, value_heads, CHUNK, CHUNK, dtype=torch.float32)
     dvb = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)  # T^T dDelta
+    # The largest |entry| of each row of Delta and dVb, for the float16 gradient kernel's scales.
+    rowmax = q.new_empty(2, ntok, value_heads, dtype=torch.float32) if f16_grads else (None,) * 2
     # The parts go to dq_hat, dk_hat, dbeta and dg; _grad_state_kernel adds to them in place
     # (each program reads its tiles before writing them).
     kernels._grad_local_kernel[grid](
@@ -396,29 +471,38 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local,
         scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_local_block_v, value_dim), NORM=norm,
-        TERMS=_grad_terms(q),
+        TERMS=_grad_terms(q), max_d_out=rowmax[0], max_b_out=rowmax[1], ROWMAX=f16_grads,
         num_warps=SPLIT_OPTIONS.warps_grad_local, num_stages=SPLIT_OPTIONS.stages_grad_local,
     )
     del scratch, tmat, dvnew
-    kernels._grad_state_kernel[grid](
-        q, k, g, beta, states[0], states[1], dstates[0], dstates[1],
-        vnew[0], vnew[1], dvb, do, dq_hat, dk_hat, dbeta, dg,
-        dq_hat, dk_hat, dbeta, dg,
-        layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
-        scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
-        BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.grad_state_block_v, value_dim), NORM=norm,
-        TERMS=_grad_terms(q),
-        num_warps=SPLIT_OPTIONS.warps_grad_state, num_stages=SPLIT_OPTIONS.stages_grad_state,
-    )
-    del states, dstates, vnew, dvb
+    # With one value head per q/k head the gradient kernel goes back through the norms itself.
+    fuse_norm = SPLIT_OPTIONS.fuse_qk_norm_backward and value_heads == heads
     dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
-    kernels._qk_norm_bwd_kernel[(triton.cdiv(ntok, CHUNK), heads)](
-        q, k, dq_hat, dk_hat, dq, dk,
-        ntok, heads, value_heads, key_dim, q.stride(0),
-        BT=CHUNK, BK=block_k, NORM=norm,
-        num_warps=4,
+    grad_v = _v_tile(SPLIT_OPTIONS.grad_state_block_v, value_dim)
+    if f16_grads:
+        grad_v = min(grad_v, s_block_v, state_v)  # inside one scale tile of each pass
+    if side is not None:
+        main.wait_stream(side)  # _grad_q_kernel
+    kernels._grad_state_kernel[grid](
+        q, k, g, beta, states[0], states[-1], dstates[0], dstates[-1],
+        vnew[0], vnew[1], dvb, dq_hat, dk_hat, dbeta, dg, dq_state, dgam_q,
+        dq if fuse_norm else dq_hat, dk if fuse_norm else dk_hat, dbeta, dg,
+        layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
+        scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
+        BT=CHUNK, BK=block_k, BV=grad_v, NORM=norm,
+        TERMS=_grad_terms(q), s_scale=s_scale, ds_scale=ds_scale, max_d=rowmax[0], max_b=rowmax[1], F16=f16_grads,
+        S_BV=s_block_v, DS_BV=state_v, FUSE_NORM=fuse_norm,
+        num_warps=SPLIT_OPTIONS.warps_grad_state, num_stages=SPLIT_OPTIONS.stages_grad_state,
     )
+    del states, dstates, vnew, dvb, s_scale, ds_scale, rowmax, dq_state, dgam_q
+    if not fuse_norm:
+        kernels._qk_norm_bwd_kernel[(triton.cdiv(ntok, CHUNK), heads)](
+            q, k, dq_hat, dk_hat, dq, dk,
+            ntok, heads, value_heads, key_dim, q.stride(0),
+            BT=CHUNK, BK=block_k, NORM=norm,
+            num_warps=4,
+        )
     return dq, dk, dv, dg, dbeta, dh0
 
 

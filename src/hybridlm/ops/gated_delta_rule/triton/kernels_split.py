@@ -14,9 +14,11 @@ Gamma_ij = exp(gamma_i - gamma_j) for i >= j (0 above), S the chunk-entry state 
 Kernels. Forward: `_prepare_kernel` (per chunk: T, W, U and the row scales), `_state_fwd_kernel`
 (per sequence, value head and V tile: the sequential pass, chunk-entry states and Delta),
 `_output_kernel` (per chunk: O). Backward: the same prepare (also T, P^T dO) and state passes, then
-`_state_bwd_kernel` (the reverse pass: state gradients and dDelta), `_grad_local_kernel` and
+`_state_bwd_kernel` (the reverse pass: state gradients and dDelta), `_grad_q_kernel` (per chunk:
+the gradient of q through the states, which needs only them and dO), `_grad_local_kernel` and
 `_grad_state_kernel` (per chunk: the gradients without / through the states, including the
-backward through the UT transform) and `_qk_norm_bwd_kernel` (the L2 norms, summed over groups).
+backward through the UT transform) and `_qk_norm_bwd_kernel` (the L2 norms, summed over groups;
+`_grad_state_kernel` does it itself when HV == H).
 
 Precision. With bf16 inputs every matmul runs on bf16 tensor cores with float32 accumulation,
 and no operand is rounded further than the inputs already are: a product of two raw bf16 inputs
@@ -35,7 +37,10 @@ and W in the forward pass's W S, dDelta and W in the reverse pass's W^T dDelta, 
 no decay their errors accumulate past the 5e-3 bar; chunk_split.KernelOptions). With bf16 inputs
 and the q/k L2 norm the two state passes take one float16 term per operand instead (constexpr
 F16; the per-step products, about 11 significant bits, scaled by a power of two per tile where
-the range is not bounded); the default, with the worst error against float64 at 2.42e-3.
+the range is not bounded); the default, with the worst error against float64 at 2.42e-3. With
+those, the passes also store S, dS (backward) and Delta (forward) as they multiply them, in float16
+with a power-of-two scale per tile, for float16 products in the gradient and output kernels
+(constexprs STORE_F16, D_F16, F16; worst error 2.44e-3).
 
 Every exponent is masked before exp and is <= 0 for g <= 0 (no division by a decay).
 
@@ -147,12 +152,25 @@ def _mm_sr_t(ah, al, b, acc, TERMS: tl.constexpr):
 
 
 @triton.jit
+def _pow2_scale(m):
+    """The power of two e with m / e in [2^13, 2^14) (elementwise, m >= 0; 1e-30 for m = 0)."""
+    return tl.exp2(tl.ceil(tl.log2(tl.maximum(m, 1e-30))) - 14.0)
+
+
+@triton.jit
+def _f16_scale(x):
+    """The power of two e of `_f16_scaled`, and 1 / e computed apart (exact either way): a product
+    x * (1 / e) written twice would be one value, stored from the matmul operand's layout."""
+    m = tl.maximum(tl.max(tl.abs(x)), 1e-30)
+    return tl.exp2(tl.ceil(tl.log2(m)) - 14.0), tl.exp2(14.0 - tl.ceil(tl.log2(m)))
+
+
+@triton.jit
 def _f16_scaled(x):
     """x (float32) as float16 x16 times a power of two e, x = e * x16 to about 11 significant bits:
     e puts the largest |x| in [2^13, 2^14), so no tile overflows float16 and none underflows it
     (the smallest normal float16 is 2^-28 of that)."""
-    m = tl.maximum(tl.max(tl.abs(x)), 1e-30)
-    e = tl.exp2(tl.ceil(tl.log2(m)) - 14.0)
+    e, _ = _f16_scale(x)
     return (x * (1.0 / e)).to(tl.float16), e
 
 
@@ -272,6 +290,7 @@ def _prepare_kernel(
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
     STORE_W: tl.constexpr = True, F16_Q: tl.constexpr = False, INV_F16: tl.constexpr = False,
+    chunk_offsets=None, decay=None, do16=None, do_scale=None,
 ):
     """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
     kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
@@ -281,8 +300,11 @@ def _prepare_kernel(
     float32; t_hi, t_lo: [NTOK, HV, BT] bf16 (row i of the chunk's T). F16: also W and
     kscale * k in float16 (w16, k16: [NTOK, HV, K]) for the state passes' float16 products; F16_Q
     (BACKWARD only): qscale * q too (q16), and P^T dO in float16 (dvl), each [BT, BV] tile scaled by
-    a power of two stored in dvl_scale[slot, hv, V tile] (float32), for the reverse pass's; STORE_W = False skips w_hi and
+    a power of two stored in dvl_scale[slot, hv, V tile] (float32), for the reverse pass's, and dO
+    likewise (do16, do_scale); STORE_W = False skips w_hi and
     w_lo (where only the float16 passes read W). INV_F16: T by `_unit_lower_inverse_f16`.
+    decay[chunk, hv] = e^gamma_C (chunk = chunk_offsets[sequence] + chunk index in it), so that the
+    state passes need no reduction for it.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -301,6 +323,7 @@ def _prepare_kernel(
     # Padded rows have g = 0, so gamma there equals gamma at the last real row (= gamma_C).
     gam = tl.cumsum(gv, 0)
     gam_last = tl.sum(gv, 0)
+    tl.store(decay + (tl.load(chunk_offsets + seq) + local).to(tl.int64) * HV + hv, tl.exp(gam_last))
     if F16:  # early, while few tiles are live
         ks = rk * tl.exp(gam_last - gam)
         _store(k16 + (t0 * HV + hv) * K, HV * K, n, K, kx.to(tl.float32) * ks[:, None], BT, BK)
@@ -352,6 +375,9 @@ def _prepare_kernel(
                 pdo16, ep = _f16_scaled(pdo)
                 _store(dvl + hvv + iv * BV, HV * V, n, cols, pdo16, BT, BV)
                 tl.store(dvl_scale + (slot.to(tl.int64) * HV + hv) * tl.cdiv(V, BV) + iv, ep)
+                do16x, eo = _f16_scaled(dox.to(tl.float32))
+                _store(do16 + hvv + iv * BV, HV * V, n, cols, do16x, BT, BV)
+                tl.store(do_scale + (slot.to(tl.int64) * HV + hv) * tl.cdiv(V, BV) + iv, eo)
             else:
                 _store(dvl + hvv + iv * BV, HV * V, n, cols, pdo, BT, BV)
 
@@ -364,6 +390,7 @@ def _state_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2,
     STORE_S_LO: tl.constexpr = True, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
+    s_scale=None, STORE_F16: tl.constexpr = False, decay=None, d_scale=None, D_F16: tl.constexpr = False,
 ):
     """Per (sequence, value head, V tile): the sequential pass over the sequence's chunks.
 
@@ -379,6 +406,11 @@ def _state_fwd_kernel(
     scaled by a power of two per tile (`_f16_scaled`). 2 matmuls a step instead of 5, each operand
     to about 11 bits instead of 16 (bf16 one-term: 8). S_TERMS and W_TERMS are then unused. Only
     with the L2 norm, which bounds W and kscale * k (|entries| <= about 2), so that float16 holds them.
+    STORE_F16 (with F16, for the float16 gradient kernel): stores S as the pass multiplies it, float16
+    in s_hi ([NCHUNK, HV, K, V]) and its power-of-two scale per V tile in s_scale
+    ([NCHUNK, HV, cdiv(V, BV)] float32), instead of the bf16 split (s_lo is not written).
+    D_F16 (with F16, for `_output_kernel`'s D_F16): Delta likewise, float16 in d_hi with its scale
+    per V tile in d_scale (d_lo is not written).
     """
     n = tl.program_id(0)
     hv = tl.program_id(1)
@@ -396,19 +428,26 @@ def _state_fwd_kernel(
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(0, num_chunks):
-        sh, sl = _split(S)
         s_off = ((c0 + c) * HV + hv) * kv + iv * BV
-        _store(s_hi + s_off, V, K, cols, sh, BK, BV)
-        if STORE_S_LO:
-            _store(s_lo + s_off, V, K, cols, sl, BK, BV)
+        if STORE_F16:  # as in `_state_bwd_kernel`
+            es, inv_es = _f16_scale(S)
+            _store(s_hi + s_off, V, K, cols, S * inv_es, BK, BV)
+            tl.store(s_scale + ((c0 + c) * HV + hv) * tl.cdiv(V, BV) + iv, es)
+        else:
+            sh, sl = _split(S)
+            _store(s_hi + s_off, V, K, cols, sh, BK, BV)
+            if STORE_S_LO:
+                _store(s_lo + s_off, V, K, cols, sl, BK, BV)
         t0 = bos + c * BT
         rows = tl.minimum(eos - t0, BT).to(tl.int32)
         hk = (t0 * HV + hv) * K
         hvv = (t0 * HV + hv) * V + iv * BV
         ux = _load(u + hvv, HV * V, rows, cols, BT, BV)
-        gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
+        chunk_decay = tl.load(decay + (c0 + c) * HV + hv)  # e^gamma_C, from the prepare kernel
         if F16:
-            s16, es = _f16_scaled(S)
+            if not STORE_F16:
+                es, _ = _f16_scale(S)
+            s16 = (S * (1.0 / es)).to(tl.float16)
             ws = _dot(_load(w16 + hk, HV * K, rows, K, BT, BK), s16, tl.zeros([BT, BV], dtype=tl.float32)) * es
         else:
             wh = _load(w_hi + hk, HV * K, rows, K, BT, BK)
@@ -418,16 +457,23 @@ def _state_fwd_kernel(
             if S_TERMS == 2:
                 ws = _dot(wh, sl, ws)
         delta = ux - ws
-        _store_split(d_hi, d_lo, hvv, HV * V, rows, cols, delta, BT, BV)
+        if D_F16:  # stored apart from the matmul operand, as S above
+            ed, inv_ed = _f16_scale(delta)
+            _store(d_hi + hvv, HV * V, rows, cols, delta * inv_ed, BT, BV)
+            tl.store(d_scale + ((c0 + c) * HV + hv) * tl.cdiv(V, BV) + iv, ed)
+        else:
+            _store_split(d_hi, d_lo, hvv, HV * V, rows, cols, delta, BT, BV)
         if F16:
-            d16, ed = _f16_scaled(delta)
+            if not D_F16:
+                ed, _ = _f16_scale(delta)
+            d16 = (delta * (1.0 / ed)).to(tl.float16)
             kt = tl.trans(_load(k16 + hk, HV * K, rows, K, BT, BK))
-            S = _dot(kt, d16, tl.zeros([BK, BV], dtype=tl.float32)) * ed + S * tl.exp(gam_last)
+            S = _dot(kt, d16, tl.zeros([BK, BV], dtype=tl.float32)) * ed + S * chunk_decay
         else:
             kx = _load(k + t0 * SQK + h * K, SQK, rows, K, BT, BK)
             ks = _load_vec(kscale + t0 * HV + hv, HV, rows, BT)
             dh, dl = _split(delta * ks[:, None])
-            S = _mm_rs(tl.trans(kx), dh, dl, S * tl.exp(gam_last))
+            S = _mm_rs(tl.trans(kx), dh, dl, S * chunk_decay)
     if STORE_HT:
         _store(ht + (n * HV + hv) * kv + iv * BV, V, K, cols, S, BK, BV)
 
@@ -438,12 +484,16 @@ def _output_kernel(
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
     scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM: tl.constexpr, OUT_TERMS: tl.constexpr = 2,
+    NORM: tl.constexpr, OUT_TERMS: tl.constexpr = 2, d_scale=None, D_F16: tl.constexpr = False,
+    D_BV: tl.constexpr = 32,
 ):
     """Per (chunk slot, value head): O = (scale r_q e^gamma) * (q S) + P Delta.
 
     OUT_TERMS = 1 (bf16 q only) reads only S's hi term: one matmul less per V tile and half the
     state reads; o stays at its bf16 rounding (benchmarks/gdn_precision_study.py).
+    D_F16 (with the L2 norm, which bounds |P| by the scale): Delta in float16 as the forward
+    state pass stored it (d_hi, its scales per V tile of D_BV columns in d_scale) and P in
+    float16: one matmul for P Delta instead of three.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -463,7 +513,10 @@ def _output_kernel(
     gam = tl.cumsum(_load_vec(g + t0 * HV + hv, HV, n, BT), 0)
     P = _mm_rr(qx, tl.trans(kx), tl.zeros([BT, BT], dtype=tl.float32))
     P = P * (rq[:, None] * rk[None, :]) * tl.exp(tl.where(ii >= jj, gam[:, None] - gam[None, :], float("-inf")))
-    ph, pl = _split(P)
+    if D_F16:
+        p16 = P.to(tl.float16)
+    else:
+        ph, pl = _split(P)
     qs = rq * tl.exp(gam)
     s_base = (chunk * HV + hv) * K * V
     hvv = (t0 * HV + hv) * V
@@ -471,13 +524,19 @@ def _output_kernel(
         cols = V - iv * BV
         sh = _load(s_hi + s_base + iv * BV, V, K, cols, BK, BV)
         dh = _load(d_hi + hvv + iv * BV, HV * V, n, cols, BT, BV)
-        dl = _load(d_lo + hvv + iv * BV, HV * V, n, cols, BT, BV)
+        if not D_F16:
+            dl = _load(d_lo + hvv + iv * BV, HV * V, n, cols, BT, BV)
         if OUT_TERMS == 1:
             out = qs[:, None] * _dot(qx, sh, tl.zeros([BT, BV], dtype=tl.float32))
         else:
             sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
             out = qs[:, None] * _mm_rs(qx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
-        out = _mm_ss(ph, pl, dh, dl, out)
+        if D_F16:
+            col = iv * BV + tl.arange(0, BV)
+            ed = tl.load(d_scale + (chunk * HV + hv) * tl.cdiv(V, D_BV) + col // D_BV, mask=col < V, other=0.0)
+            out += _dot(p16, dh, tl.zeros([BT, BV], dtype=tl.float32)) * ed[None, :]
+        else:
+            out = _mm_ss(ph, pl, dh, dl, out)
         _store(o + hvv + iv * BV, HV * V, n, cols, out, BT, BV)
 
 
@@ -488,7 +547,8 @@ def _state_bwd_kernel(
     H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DD_TERMS: tl.constexpr = 2, W_TERMS: tl.constexpr = 2,
-    F16: tl.constexpr = False, PREP_BV: tl.constexpr = 64,
+    F16: tl.constexpr = False, PREP_BV: tl.constexpr = 64, ds_scale=None, STORE_F16: tl.constexpr = False,
+    decay=None, do16=None, do_scale=None,
 ):
     """Per (sequence, value head, V tile): the reverse pass over chunks.
 
@@ -497,10 +557,13 @@ def _state_bwd_kernel(
         dS    <- e^gamma_C dS + q^T (qscale * dO) - W^T dDelta
     F16 = True (as in `_state_fwd_kernel`): the three products of a step take one float16 term of
     each operand: kscale * k, qscale * q and W as the prepare kernel stored them (k16, q16, w16),
-    dS, dO and dDelta scaled by a power of two per tile. 3 matmuls a step instead of 7; dDelta and
+    dS and dDelta scaled by a power of two per tile, dO as the prepare kernel stored it (do16, with
+    its scales per tile of PREP_BV columns in do_scale). 3 matmuls a step instead of 7; dDelta and
     dS are still stored split. DD_TERMS, W_TERMS, w_hi and w_lo are then unused. P^T dO comes in
     float16 too (dvl, with the prepare kernel's scales per tile of PREP_BV columns in dvl_scale):
     half the shared memory of its float32 tile, so that two programs of V tile 32 fit an SM.
+    STORE_F16 (with F16): dS stored as the pass multiplies it, float16 in ds_hi and its scale per V
+    tile in ds_scale, as in `_state_fwd_kernel` (ds_lo is not written).
     """
     n = tl.program_id(0)
     hv = tl.program_id(1)
@@ -519,29 +582,46 @@ def _state_bwd_kernel(
         dS = tl.zeros([BK, BV], dtype=tl.float32)
     for step in range(0, num_chunks):
         c = num_chunks - 1 - step
-        sh, sl = _split(dS)
         s_off = ((c0 + c) * HV + hv) * kv + iv * BV
-        _store(ds_hi + s_off, V, K, cols, sh, BK, BV)
-        _store(ds_lo + s_off, V, K, cols, sl, BK, BV)
+        if STORE_F16:
+            # dS * inv_es, not dS * (1 / es) as below: the same value computed apart, so that it is
+            # not stored from the matmul operand's layout (4 KB more shared memory: one program
+            # per SM instead of two at V tile 32).
+            es, inv_es = _f16_scale(dS)
+            _store(ds_hi + s_off, V, K, cols, dS * inv_es, BK, BV)
+            tl.store(ds_scale + ((c0 + c) * HV + hv) * tl.cdiv(V, BV) + iv, es)
+        else:
+            sh, sl = _split(dS)
+            _store(ds_hi + s_off, V, K, cols, sh, BK, BV)
+            _store(ds_lo + s_off, V, K, cols, sl, BK, BV)
         t0 = bos + c * BT
         rows = tl.minimum(eos - t0, BT).to(tl.int32)
         hk = (t0 * HV + hv) * K
         qk = t0 * SQK + h * K
         hvv = (t0 * HV + hv) * V + iv * BV
-        dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
         local = _load(dvl + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
         if F16:
             col = iv * BV + tl.arange(0, BV)
-            tile_scale = tl.load(dvl_scale + ((c0 + c) * HV + hv) * tl.cdiv(V, PREP_BV) + col // PREP_BV, mask=col < V, other=0.0)
-            local = local * tile_scale[None, :]
-        gam_last = tl.sum(_load_vec(g + t0 * HV + hv, HV, rows, BT), 0)
+            scale_at = ((c0 + c) * HV + hv) * tl.cdiv(V, PREP_BV) + col // PREP_BV
+            local = local * tl.load(dvl_scale + scale_at, mask=col < V, other=0.0)[None, :]
+        else:
+            dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
+        chunk_decay = tl.load(decay + (c0 + c) * HV + hv)  # e^gamma_C, from the prepare kernel
         if F16:
-            ds16, es = _f16_scaled(dS)
+            if not STORE_F16:
+                es, _ = _f16_scale(dS)
+            ds16 = (dS * (1.0 / es)).to(tl.float16)
             ddelta = local + _dot(_load(k16 + hk, HV * K, rows, K, BT, BK), ds16, tl.zeros([BT, BV], dtype=tl.float32)) * es
             _store_split(dd_hi, dd_lo, hvv, HV * V, rows, cols, ddelta, BT, BV)
-            o16, eo = _f16_scaled(dox)
+            # dO in float16 with a scale per prepare tile: per column here (not contracted). A no-op
+            # select (rows past the end are already 0), here: the matmul operand goes through
+            # registers and is staged in shared memory only while used (a pipelined tile would take
+            # 4 KB more, 116 KB: one program per SM).
+            o16 = _load(do16 + hvv, HV * V, rows, cols, BT, BV)
+            o16 = tl.where(tl.arange(0, BT)[:, None] < rows, o16, 0.0).to(tl.float16)
+            eo = tl.load(do_scale + scale_at, mask=col < V, other=0.0)
             qt = tl.trans(_load(q16 + hk, HV * K, rows, K, BT, BK))
-            dS = _dot(qt, o16, tl.zeros([BK, BV], dtype=tl.float32)) * eo + dS * tl.exp(gam_last)
+            dS = _dot(qt, o16, tl.zeros([BK, BV], dtype=tl.float32)) * eo[None, :] + dS * chunk_decay
             dd16, ed = _f16_scaled(ddelta)
             wt = tl.trans(_load(w16 + hk, HV * K, rows, K, BT, BK))
             dS -= _dot(wt, dd16, tl.zeros([BK, BV], dtype=tl.float32)) * ed
@@ -554,7 +634,7 @@ def _state_bwd_kernel(
             ddelta = local + ks[:, None] * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32))
             _store_split(dd_hi, dd_lo, hvv, HV * V, rows, cols, ddelta, BT, BV)
             oh, ol = _split(dox * qs[:, None])
-            dS = _mm_rs(tl.trans(qx), oh, ol, dS * tl.exp(gam_last))
+            dS = _mm_rs(tl.trans(qx), oh, ol, dS * chunk_decay)
             # W^T dDelta; DD_TERMS / W_TERMS = 1 drop dDelta's / W's lo term (dh0 within about 1e-3).
             ddh, ddl = _split(-ddelta)
             dS = _dot(tl.trans(wh), ddh, dS)
@@ -573,7 +653,7 @@ def _grad_local_kernel(
     cu_seqlens, chunk_seq, chunk_local,
     scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM: tl.constexpr, TERMS: tl.constexpr = 2,
+    NORM: tl.constexpr, TERMS: tl.constexpr = 2, max_d_out=None, max_b_out=None, ROWMAX: tl.constexpr = False,
 ):
     """Per (chunk slot, value head), the gradients within the chunk (first of two kernels).
 
@@ -589,6 +669,8 @@ def _grad_local_kernel(
     dgamma (the gradient of the within-chunk cumsum gamma) these give. scratch: [slots, HV, BT, BT]
     float32, to transpose dPm and dM. TERMS = 1 (bf16 inputs only) takes one bf16 term of Delta,
     dDelta, dVb, dPm and dM in their matmuls (T keeps two); d_lo and dd_lo are not read.
+    ROWMAX: also stores the largest |entry| of each row of Delta and dVb in max_d_out and max_b_out
+    ([NTOK, HV] float32), for the float16 scales of `_grad_state_kernel`.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -609,6 +691,9 @@ def _grad_local_kernel(
     acc_p = tl.zeros([BT, BT], dtype=tl.float32)  # dO Delta^T
     acc_a = tl.zeros([BT, BT], dtype=tl.float32)  # dVb Delta^T  (dA = -acc_a)
     dbeta_acc = tl.zeros([BT], dtype=tl.float32)
+    if ROWMAX:
+        max_d = tl.zeros([BT], dtype=tl.float32)
+        max_b = tl.zeros([BT], dtype=tl.float32)
     hvv = (t0 * HV + hv) * V
     for iv in range(0, tl.cdiv(V, BV)):
         cols = V - iv * BV
@@ -634,6 +719,9 @@ def _grad_local_kernel(
             acc_p = _mm_rs(dox, tl.trans(dh), tl.trans(dl), acc_p)
             vbh, vbl = _split(dvb)
             acc_a = _mm_ss(vbh, vbl, tl.trans(dh), tl.trans(dl), acc_a)
+        if ROWMAX:  # Delta's hi term: within 2^-8 of |Delta| (the scales leave a factor 4 of room)
+            max_d = tl.maximum(max_d, tl.max(tl.abs(dh.to(tl.float32)), 1))
+            max_b = tl.maximum(max_b, tl.max(tl.abs(dvb), 1))
 
     # In an order that keeps few [BT, *] tiles live at once (registers).
     decay_incl = tl.exp(tl.where(ii >= jj, gam[:, None] - gam[None, :], float("-inf")))
@@ -671,34 +759,102 @@ def _grad_local_kernel(
     _store(dk_part + hk, HV * K, n, K, dK, BT, BK)
     tl.store(dbeta_part + t0 * HV + hv + o_t * HV, dbeta_acc, mask=o_t < n)
     tl.store(dgam_part + t0 * HV + hv + o_t * HV, dgam_acc, mask=o_t < n)
+    if ROWMAX:
+        tl.store(max_d_out + t0 * HV + hv + o_t * HV, max_d, mask=o_t < n)
+        tl.store(max_b_out + t0 * HV + hv + o_t * HV, max_b, mask=o_t < n)
+
+
+@triton.jit
+def _grad_q_kernel(
+    q, g, s_hi, s_lo, do, dq_state, dgam_q,
+    cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
+    scale, H, HV, K, V, SQK,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM: tl.constexpr, TERMS: tl.constexpr = 2, s_scale=None, F16: tl.constexpr = False,
+    S_BV: tl.constexpr = 64,
+):
+    """Per (chunk slot, value head), the gradient of q through the states, which needs neither the
+    reverse pass nor `_grad_local_kernel` (on a GPU it runs beside the reverse pass):
+
+        dQd = dO S^T    dq_state = scale e^gamma dQd    dgam_q_i = e^gamma_i <Q_i, dQd_i>
+
+    (O = diag(e^gamma) Q S + ...; dq_state [NTOK, HV, K], dgam_q [NTOK, HV] float32, the parts of
+    the gradients of the normalised q and of gamma; <q_i, dQd_i> from dQd accumulated unscaled, so
+    no division by a decay). TERMS = 1: S's hi term only. F16: S in float16 with its scale per V
+    tile of S_BV columns, as the forward state pass stored it (`_state_fwd_kernel`'s STORE_F16),
+    and dO's tiles scaled by a power of two per row.
+    """
+    slot = tl.program_id(0)
+    hv = tl.program_id(1)
+    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    if seq < 0:
+        return
+    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
+    h = hv // (HV // H)
+    o_t = tl.arange(0, BT)
+    eg = tl.exp(tl.cumsum(_load_vec(g + t0 * HV + hv, HV, n, BT), 0))
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    s_base = (chunk * HV + hv) * K * V
+    hvv = (t0 * HV + hv) * V
+    for iv in range(0, tl.cdiv(V, BV)):
+        cols = V - iv * BV
+        sh = _load(s_hi + s_base + iv * BV, V, K, cols, BK, BV)
+        dox = _load(do + hvv + iv * BV, HV * V, n, cols, BT, BV)
+        if F16:
+            es = tl.load(s_scale + (chunk * HV + hv) * tl.cdiv(V, S_BV) + (iv * BV) // S_BV)
+            xf = dox.to(tl.float32)
+            eo = _pow2_scale(tl.max(tl.abs(xf), 1))
+            o16 = (xf * (1.0 / eo)[:, None]).to(tl.float16)
+            acc += _dot(o16, tl.trans(sh), tl.zeros([BT, BK], dtype=tl.float32)) * (eo * es)[:, None]
+        elif TERMS == 1:
+            acc = _dot(dox, tl.trans(sh), acc)
+        else:
+            acc = _mm_rs(dox, tl.trans(sh), tl.trans(_load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)), acc)
+    qx = _load(q + t0 * SQK + h * K, SQK, n, K, BT, BK)
+    r_q = tl.sum(qx.to(tl.float32) * acc, 1)  # <q_i, dQd_i> = <dO_i, (q S)_i>
+    hk = (t0 * HV + hv) * K
+    _store(dq_state + hk, HV * K, n, K, (scale * eg)[:, None] * acc, BT, BK)
+    tl.store(dgam_q + t0 * HV + hv + o_t * HV, (eg * scale) * _rnorm(qx, NORM) * r_q, mask=o_t < n)
 
 
 @triton.jit
 def _grad_state_kernel(
-    q, k, g, beta, s_hi, s_lo, ds_hi, ds_lo, d_hi, d_lo, dvb_in, do,
-    dq_part, dk_part, dbeta_part, dgam_part,
+    q, k, g, beta, s_hi, s_lo, ds_hi, ds_lo, d_hi, d_lo, dvb_in,
+    dq_part, dk_part, dbeta_part, dgam_part, dq_state, dgam_q,
     dq_hat, dk_hat, dbeta, dg,
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
     scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, TERMS: tl.constexpr = 2,
+    s_scale=None, ds_scale=None, max_d=None, max_b=None, F16: tl.constexpr = False,
+    S_BV: tl.constexpr = 64, DS_BV: tl.constexpr = 64, FUSE_NORM: tl.constexpr = False,
 ):
-    """Per (chunk slot, value head), the gradients through the states (second of two), and the sums.
+    """Per (chunk slot, value head), the gradients through the states (after `_grad_local_kernel`
+    and `_grad_q_kernel`), and the sums.
 
     Inputs: the chunk-entry state S, the gradient dS' of the state leaving the chunk, Delta from
-    the forward pass, dVb = T^T dDelta and the parts from `_grad_local_kernel`. Contracted over V
-    tile by tile:
+    the forward pass, dVb = T^T dDelta and the parts from `_grad_local_kernel` and
+    `_grad_q_kernel`. Contracted over V tile by tile:
 
-        dQd = dO S^T      Z = diag(e^(gamma_C - gamma)) Delta dS'^T - diag(beta e^gamma) dVb S^T
+        Z = diag(e^(gamma_C - gamma)) Delta dS'^T - diag(beta e^gamma) dVb S^T
 
     Z is the gradient of K through the state update (Kd = diag(e^(gamma_C - gamma)) K) and through
-    W = T diag(beta e^gamma) K (dKb = T^T dW = -dVb S^T). Stores dq_hat = dq_part + scale e^gamma dQd
-    and dk_hat = dk_part + Z ([NTOK, HV, K] float32, the gradients of the normalised q and k;
+    W = T diag(beta e^gamma) K (dKb = T^T dW = -dVb S^T). Stores dq_hat = dq_part + dq_state and
+    dk_hat = dk_part + Z ([NTOK, HV, K] float32, the gradients of the normalised q and k;
     `_qk_norm_bwd_kernel` goes back through the norms), dbeta, and dg = the reverse within-chunk
-    cumsum of dgamma. The row sums the gate and beta gradients need: <dO_i, (q S)_i> = <q_i, dQd_i>
-    from dQd after the loop (dQd is accumulated unscaled, so no division by a decay), the others from
-    the products k S and k dS' inside the loop. TERMS = 1 (bf16 inputs only) takes one bf16 term of
-    S, dS', Delta and the computed operands in the matmuls (s_lo, ds_lo and d_lo are not read).
+    cumsum of dgamma. The row sums the gate and beta gradients need come from the products k S and
+    k dS' inside the loop. TERMS = 1 (bf16 inputs only) takes one bf16 term of S, dS', Delta and
+    the computed operands in the matmuls (s_lo, ds_lo and d_lo are not read).
+    F16 (bf16 inputs with the L2 norm): S and dS' come as the state passes multiplied them, float16
+    with a power-of-two scale per V tile of S_BV / DS_BV columns (s_scale, ds_scale; BV divides
+    both), and every product takes one float16 term per operand: k as its normalised rows r_k k,
+    and the tiles of Delta and dVb (times their row factors and the states' tile scales) scaled by
+    one power of two per row for all V tiles, set from the rows' largest entries (max_d, max_b from
+    `_grad_local_kernel`) and the largest tile scales, so that the matmuls accumulate in place (a
+    float16 normal spans 2^29: a tile scaled far below the largest keeps its bits). 4 matmuls per
+    V tile instead of 10, half the state bytes.
+    FUSE_NORM (HV == H): also goes back through the q/k L2 norms, as `_qk_norm_bwd_kernel` does,
+    and stores dq, dk in the inputs' dtype in dq_hat, dk_hat ([NTOK, H, K]).
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -717,11 +873,22 @@ def _grad_state_kernel(
     bek = bv * eg
     qk_base = t0 * SQK + h * K
     hk = (t0 * HV + hv) * K
-    qx = _load(q + qk_base, SQK, n, K, BT, BK)
     kx = _load(k + qk_base, SQK, n, K, BT, BK)
-
-    acc_q = tl.zeros([BT, BK], dtype=tl.float32)  # dQd = dO S^T
-    acc_z = _load(dk_part + hk, HV * K, n, K, BT, BK)  # + Z
+    if F16:
+        kn16 = (kx.to(tl.float32) * _rnorm(kx, NORM)[:, None]).to(tl.float16)
+        ms = 0.0
+        for t in range(0, tl.cdiv(V, S_BV)):
+            ms = tl.maximum(ms, tl.load(s_scale + (chunk * HV + hv) * tl.cdiv(V, S_BV) + t))
+        mds = 0.0
+        for t in range(0, tl.cdiv(V, DS_BV)):
+            mds = tl.maximum(mds, tl.load(ds_scale + (chunk * HV + hv) * tl.cdiv(V, DS_BV) + t))
+        # One power of two per row: acc_z in units of fz.
+        fz = _pow2_scale(tl.maximum(_load_vec(max_d + t0 * HV + hv, HV, n, BT) * to_end * mds,
+                                    _load_vec(max_b + t0 * HV + hv, HV, n, BT) * bek * ms))
+        inv_z = 1.0 / fz
+        acc_z = tl.zeros([BT, BK], dtype=tl.float32)
+    else:
+        acc_z = _load(dk_part + hk, HV * K, n, K, BT, BK)  # + Z
     r_kd = tl.zeros([BT], dtype=tl.float32)  # rowsum(Delta * (k dS'))
     r_kb = tl.zeros([BT], dtype=tl.float32)  # rowsum(dVb * (k S))
     state_dot = tl.zeros([BK], dtype=tl.float32)  # <S, dS'> by rows of S
@@ -734,9 +901,17 @@ def _grad_state_kernel(
         dsh = _load(ds_hi + s_base + iv * BV, V, K, cols, BK, BV)
         delta = _load(d_hi + base, HV * V, n, cols, BT, BV).to(tl.float32)
         dvb = _load(dvb_in + base, HV * V, n, cols, BT, BV)
-        dox = _load(do + base, HV * V, n, cols, BT, BV)
-        if TERMS == 1:
-            acc_q = _dot(dox, tl.trans(sh), acc_q)
+        if F16:
+            delta += _load(d_lo + base, HV * V, n, cols, BT, BV).to(tl.float32)
+            es = tl.load(s_scale + (chunk * HV + hv) * tl.cdiv(V, S_BV) + (iv * BV) // S_BV)
+            eds = tl.load(ds_scale + (chunk * HV + hv) * tl.cdiv(V, DS_BV) + (iv * BV) // DS_BV)
+            acc_z = _dot((delta * (to_end * eds * inv_z)[:, None]).to(tl.float16), tl.trans(dsh), acc_z)
+            acc_z = _dot((dvb * (-bek * es * inv_z)[:, None]).to(tl.float16), tl.trans(sh), acc_z)
+            # With k's normalised rows: r_kd, r_kb times r_k.
+            r_kd += tl.sum(delta * _dot(kn16, dsh, tl.zeros([BT, BV], dtype=tl.float32)), 1) * eds
+            r_kb += tl.sum(dvb * _dot(kn16, sh, tl.zeros([BT, BV], dtype=tl.float32)), 1) * es
+            state_dot += tl.sum(sh.to(tl.float32) * dsh.to(tl.float32), 1) * (es * eds)
+        elif TERMS == 1:
             acc_z = _dot(_bf16(delta * to_end[:, None]), tl.trans(dsh), acc_z)
             acc_z = _dot(_bf16(dvb * (-bek)[:, None]), tl.trans(sh), acc_z)
             r_kd += tl.sum(delta * _dot(kx, dsh, tl.zeros([BT, BV], dtype=tl.float32)), 1)
@@ -746,7 +921,6 @@ def _grad_state_kernel(
             sl = _load(s_lo + s_base + iv * BV, V, K, cols, BK, BV)
             dsl = _load(ds_lo + s_base + iv * BV, V, K, cols, BK, BV)
             delta += _load(d_lo + base, HV * V, n, cols, BT, BV).to(tl.float32)
-            acc_q = _mm_rs(dox, tl.trans(sh), tl.trans(sl), acc_q)
             ah, al = _split(delta * to_end[:, None])
             acc_z = _mm_ss(ah, al, tl.trans(dsh), tl.trans(dsl), acc_z)
             ah, al = _split(dvb * (-bek)[:, None])
@@ -755,17 +929,25 @@ def _grad_state_kernel(
             r_kb += tl.sum(dvb * _mm_rs(kx, sh, sl, tl.zeros([BT, BV], dtype=tl.float32)), 1)
             state_dot += tl.sum((sh.to(tl.float32) + sl.to(tl.float32)) * (dsh.to(tl.float32) + dsl.to(tl.float32)), 1)
 
-    r_q = tl.sum(qx.to(tl.float32) * acc_q, 1)  # <q_i, dQd_i> = <dO_i, (q S)_i>
-    acc_q = _load(dq_part + hk, HV * K, n, K, BT, BK) + (scale * eg)[:, None] * acc_q
-    _store(dq_hat + hk, HV * K, n, K, acc_q, BT, BK)
-    _store(dk_hat + hk, HV * K, n, K, acc_z, BT, BK)
-    rq = _rnorm(qx, NORM)
+    if F16:
+        acc_z = _load(dk_part + hk, HV * K, n, K, BT, BK) + fz[:, None] * acc_z
+    kx = _load(k + qk_base, SQK, n, K, BT, BK)
     rk = _rnorm(kx, NORM)
-    # O = diag(e^gamma) Q S + ...: dgamma_i = e^gamma_i <Q_i, dQd_i>.
-    dgam = _load_vec(dgam_part + t0 * HV + hv, HV, n, BT) + (eg * scale) * rq * r_q
+    if FUSE_NORM:
+        acc_z = _norm_bwd(kx, acc_z, NORM)
+    _store(dk_hat + hk, HV * K, n, K, acc_z, BT, BK)
+    acc_q = _load(dq_part + hk, HV * K, n, K, BT, BK) + _load(dq_state + hk, HV * K, n, K, BT, BK)
+    if FUSE_NORM:
+        acc_q = _norm_bwd(_load(q + qk_base, SQK, n, K, BT, BK), acc_q, NORM)
+    _store(dq_hat + hk, HV * K, n, K, acc_q, BT, BK)
+    dgam = _load_vec(dgam_part + t0 * HV + hv, HV, n, BT) + _load_vec(dgam_q + t0 * HV + hv, HV, n, BT)
     # State passed on: S' = e^gamma_C S + Kd^T Delta; W = T diag(beta e^gamma) K.
-    dto_end = to_end * rk * r_kd
-    kdkb = -rk * r_kb  # <K_j, dKb_j>
+    if F16:  # r_kd, r_kb came times r_k
+        dto_end = to_end * r_kd
+        kdkb = -r_kb  # <K_j, dKb_j>
+    else:
+        dto_end = to_end * rk * r_kd
+        kdkb = -rk * r_kb
     dgam += bek * kdkb - dto_end
     dgam_last = tl.sum(dto_end, 0) + tl.exp(gam_last) * tl.sum(state_dot, 0)
     # gamma_C is gamma at the last real row (padded rows have g = 0): its gradient goes there.
@@ -775,6 +957,17 @@ def _grad_state_kernel(
     dbeta_v = _load_vec(dbeta_part + t0 * HV + hv, HV, n, BT) + eg * kdkb
     tl.store(dbeta + t0 * HV + hv + o_t * HV, dbeta_v, mask=o_t < n)
     tl.store(dg + t0 * HV + hv + o_t * HV, dgv, mask=o_t < n)
+
+
+@triton.jit
+def _norm_bwd(x, dx_hat, NORM: tl.constexpr):
+    """The gradient of a raw tile x [R, C] from that of its normalised rows x_hat = r x (float32):
+    dx = r (dx_hat - x_hat (x_hat . dx_hat)); dx_hat itself without normalisation."""
+    if NORM:
+        xf = x.to(tl.float32)
+        r = tl.rsqrt(tl.sum(xf * xf, 1) + 1e-6)
+        dx_hat = (dx_hat - xf * (r * r * tl.sum(xf * dx_hat, 1))[:, None]) * r[:, None]
+    return dx_hat
 
 
 @triton.jit
@@ -800,7 +993,5 @@ def _qk_norm_bwd_kernel(
         for j in range(0, group):
             acc += _load(dx_hat + (t0 * HV + h * group + j) * K, HV * K, n, K, BT, BK)
         if NORM:
-            x = _load(x_ptr + t0 * SQK + h * K, SQK, n, K, BT, BK).to(tl.float32)
-            r = tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
-            acc = (acc - x * (r * r * tl.sum(x * acc, 1))[:, None]) * r[:, None]
+            acc = _norm_bwd(_load(x_ptr + t0 * SQK + h * K, SQK, n, K, BT, BK), acc, NORM)
         _store(dx + (t0 * H + h) * K, H * K, n, K, acc, BT, BK)
