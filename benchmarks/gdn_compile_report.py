@@ -88,19 +88,19 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     do_scale=f32 if f16 and backward else None)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
     for block_v in state_block_vs:
-        args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, g=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
+        args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, decay=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
                     d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v, S_TERMS=terms,
                     STORE_S_LO=not one_term, W_TERMS=terms, F16=f16, w16="*fp16" if f16 else None,
-                    k16="*fp16" if f16 else None, s_scale=f32 if f16 else None, STORE_F16=f16, decay=f32)
+                    k16="*fp16" if f16 else None, s_scale=f32 if f16 else None, STORE_F16=f16)
         if f16:
             args.update(s_hi="*fp16", s_lo="*fp16")
         runs.append((f"state pass, forward (V tile {block_v})", k._state_fwd_kernel, args, 4, state_stages))
-        args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, g=f32, kscale=f32, qscale=f32, do=raw,
+        args = dict(common, q=raw, k=raw, w_hi=half, w_lo=half, decay=f32, kscale=f32, qscale=f32, do=raw,
                     dht=None, ds_hi=half, ds_lo=half, dd_hi=half, dd_lo=half, dh0=None, HAS_DHT=False,
                     STORE_DH0=False, BV=block_v, DD_TERMS=terms, W_TERMS=terms, F16=f16,
                     w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, q16="*fp16" if f16 else None,
                     dvl=("*fp16" if f16 else f32), dvl_scale=f32 if f16 else None, PREP_BV=64,
-                    ds_scale=f32 if f16 else None, STORE_F16=f16, decay=f32, do16="*fp16" if f16 else None,
+                    ds_scale=f32 if f16 else None, STORE_F16=f16, do16="*fp16" if f16 else None,
                     do_scale=f32 if f16 else None)
         if f16:
             args.update(ds_hi="*fp16", ds_lo="*fp16")

@@ -316,7 +316,7 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
     return w, u, kscale, decay, qscale, tmat, (dvl, dvl_scale, do16, do_scale, prep_v), f16
 
 
-def _state_forward(k, w, u, g, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=2,
+def _state_forward(k, w, u, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=2,
                    f16=None, f16_states=False, f16_delta=False):
     """Chunk-entry states [state_terms, NCHUNK, HV, K, V], Delta [2, NTOK, HV, V] (split), the final
     state, and (the states' scales, Delta's scales, the pass's V tile). With f16_states / f16_delta
@@ -343,7 +343,7 @@ def _state_forward(k, w, u, g, kscale, decay, initial_state, output_final_state,
     if output_final_state:
         final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_fwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
-        k, None if w is None else w[0], None if w is None else w[-1], u, g, kscale, initial_state,
+        k, None if w is None else w[0], None if w is None else w[-1], u, decay, kscale, initial_state,
         states[0], states[-1], vnew[0], vnew[-1], final,
         None if f16 is None else f16[0], None if f16 is None else f16[1],
         layout.cu_seqlens, layout.chunk_offsets,
@@ -351,7 +351,7 @@ def _state_forward(k, w, u, g, kscale, decay, initial_state, output_final_state,
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state, S_TERMS=_state_terms(k),
         STORE_S_LO=state_terms == 2, W_TERMS=_w_terms(k), F16=f16 is not None,
-        s_scale=s_scale, STORE_F16=f16_states, decay=decay, d_scale=d_scale, D_F16=f16_delta,
+        s_scale=s_scale, STORE_F16=f16_states, d_scale=d_scale, D_F16=f16_delta,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
     return states, vnew, final, (s_scale, d_scale, state_v)
@@ -366,7 +366,7 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout:
     out_terms = _output_terms(q)
     f16_delta = f16 is not None and SPLIT_OPTIONS.f16_output_delta
     states, vnew, final, (_, d_scale, state_v) = _state_forward(
-        k, w, u, g, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=out_terms,
+        k, w, u, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=out_terms,
         f16=f16, f16_delta=f16_delta)
     del w, u, kscale, decay, f16
     o = v.new_empty(v.shape, dtype=q.dtype)
@@ -399,7 +399,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     f16_grads = _f16_grads(k, norm)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         states, vnew, _, (s_scale, _, s_block_v) = _state_forward(
-            k, w, u, g, kscale, decay, initial_state, False, layout, block_k,
+            k, w, u, kscale, decay, initial_state, False, layout, block_k,
             f16=f16 if _f16_state_forward(k, norm) else None, f16_states=f16_grads)
         states_done = torch.cuda.Event() if side is not None else None
         if side is not None:
@@ -439,7 +439,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
     if initial_state is not None:
         dh0 = q.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
     kernels._state_bwd_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, state_v))](
-        q, k, None if w is None else w[0], None if w is None else w[-1], g, kscale, qscale, do, dvl, dht,
+        q, k, None if w is None else w[0], None if w is None else w[-1], decay, kscale, qscale, do, dvl, dht,
         dstates[0], dstates[-1], dvnew[0], dvnew[1], dh0,
         *(f16 if f16_bwd else (None,) * 3), dvl_scale,
         layout.cu_seqlens, layout.chunk_offsets,
@@ -447,7 +447,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout: SequenceLayout, no
         BT=CHUNK, BK=block_k, BV=state_v,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DD_TERMS=_state_terms(k),
         W_TERMS=2 if w is None else w.shape[0], F16=f16_bwd, PREP_BV=prep_v,
-        ds_scale=ds_scale, STORE_F16=f16_grads, decay=decay, do16=do16, do_scale=do_scale,
+        ds_scale=ds_scale, STORE_F16=f16_grads, do16=do16, do_scale=do_scale,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(q.device),
     )
     del w, kscale, decay, qscale, dvl, dvl_scale, do16, do_scale, f16

@@ -384,19 +384,19 @@ def _prepare_kernel(
 
 @triton.jit
 def _state_fwd_kernel(
-    k, w_hi, w_lo, u, g, kscale, h0, s_hi, s_lo, d_hi, d_lo, ht, w16, k16,
+    k, w_hi, w_lo, u, decay, kscale, h0, s_hi, s_lo, d_hi, d_lo, ht, w16, k16,
     cu_seqlens, chunk_offsets,
     H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, S_TERMS: tl.constexpr = 2,
     STORE_S_LO: tl.constexpr = True, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
-    s_scale=None, STORE_F16: tl.constexpr = False, decay=None, d_scale=None, D_F16: tl.constexpr = False,
+    s_scale=None, STORE_F16: tl.constexpr = False, d_scale=None, D_F16: tl.constexpr = False,
 ):
     """Per (sequence, value head, V tile): the sequential pass over the sequence's chunks.
 
     Stores each chunk-entry state S [K, V] in s_hi/s_lo[chunk] ([NCHUNK, HV, K, V] bf16, split) and
     Delta = U - W S in d_hi/d_lo ([NTOK, HV, V] bf16, split); then
-    S <- e^gamma_C S + k^T (kscale * Delta). h0 / ht: [N, HV, K, V] float32 initial / final states.
+    S <- e^gamma_C S + k^T (kscale * Delta), with e^gamma_C from decay[chunk, hv] (the prepare kernel's). h0 / ht: [N, HV, K, V] float32 initial / final states.
     S_TERMS = 1 uses only S's hi term in W S (one matmul less per step; final state within about
     2e-4 instead of 4e-6 with bf16 inputs: benchmarks/gdn_precision_study.py). STORE_S_LO = False
     stores only the hi term of S (for an output kernel at OUT_TERMS = 1; s_lo is not written).
@@ -542,13 +542,13 @@ def _output_kernel(
 
 @triton.jit
 def _state_bwd_kernel(
-    q, k, w_hi, w_lo, g, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0, w16, k16, q16, dvl_scale,
+    q, k, w_hi, w_lo, decay, kscale, qscale, do, dvl, dht, ds_hi, ds_lo, dd_hi, dd_lo, dh0, w16, k16, q16, dvl_scale,
     cu_seqlens, chunk_offsets,
     H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DD_TERMS: tl.constexpr = 2, W_TERMS: tl.constexpr = 2,
     F16: tl.constexpr = False, PREP_BV: tl.constexpr = 64, ds_scale=None, STORE_F16: tl.constexpr = False,
-    decay=None, do16=None, do_scale=None,
+    do16=None, do_scale=None,
 ):
     """Per (sequence, value head, V tile): the reverse pass over chunks.
 
