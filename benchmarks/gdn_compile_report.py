@@ -86,7 +86,7 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     q16="*fp16" if f16 and backward else None, F16_Q=f16 and backward, STORE_W=not f16,
                     INV_F16=f16, chunk_offsets="*i32", decay=f32, do16="*fp16" if f16 and backward else None,
                     do_scale=f32 if f16 and backward else None)
-        runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 2))
+        runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 3))
     for block_v in state_block_vs:
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, decay=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
                     d_hi=half, d_lo=half, ht=None, HAS_H0=False, STORE_HT=False, BV=block_v, S_TERMS=terms,
@@ -105,6 +105,11 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
         if f16:
             args.update(ds_hi="*fp16", ds_lo="*fp16")
         runs.append((f"state pass, backward (V tile {block_v})", k._state_bwd_kernel, args, 4, state_stages))
+    if f16:  # the forward's pass with a scale per row of S^T (`rows_forward`)
+        args = dict(k16="*fp16", w16="*fp16", ut=f32, decay=f32, h0=None, s_hi=half, d16="*fp16", d_scale=f32,
+                    ht=None, cu_seqlens="*i32", chunk_offsets="*i32", HV="i32", K="i32", V="i32",
+                    BT=64, BK=block_k, BV=64, HAS_H0=False, STORE_HT=False, PREFETCH=True)
+        runs.append(("state pass, forward, rows (V tile 64)", k._state_fwd_rows_kernel, args, 4, state_stages))
     args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi="*fp16" if f16 else half,
                 d_lo="*fp16" if f16 else half, o=raw, BV=64, OUT_TERMS=1 if f16 else terms,
                 d_scale=f32 if f16 else None, D_F16=f16, D_BV=32)

@@ -24,6 +24,11 @@ from hybridlm.ops.gated_delta_rule.triton import (  # noqa: E402
     recurrent_gated_delta_rule_triton,
 )
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from hybridlm.ops.gated_delta_rule.triton.kernels_split import _pow2_pair  # noqa: E402
+
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels on CPU tensors under TRITON_INTERPRET=1", allow_module_level=True)
 
@@ -331,6 +336,7 @@ def test_split_one_term_output_states_bfloat16(monkeypatch):
     # rounding; the backward, which recomputes the states, is unaffected.
     from hybridlm.ops.gated_delta_rule.triton import chunk_split
 
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_forward", False)  # the pass these options are for
     monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "one_term_output_states", False)
     q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 32, seed=14)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -404,6 +410,9 @@ def test_split_f16_gradient_kernels(monkeypatch, case):
     if case.startswith("extreme"):
         g = torch.where(torch.rand(g.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -30.0, g)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_forward", False)  # f16_output_delta is for that pass
     off = dict(f16_grad_states=False, f16_output_delta=False)
     base = _grads_with(monkeypatch, off, q, k, v, g, beta, h0, do_scale)
     f16 = _grads_with(monkeypatch, dict(f16_grad_states=True, f16_output_delta=True), q, k, v, g, beta, h0, do_scale)
@@ -434,3 +443,78 @@ def test_split_fused_qk_norm_backward(monkeypatch):
         for a, b in zip(*results):
             assert torch.isfinite(a).all() and torch.isfinite(b).all() and _rel(b, a) < 2**-8, (heads, value_heads, norm)
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, *_inputs(1, 150, 2, 2, 32, 32, seed=34))
+
+
+@pytest.mark.parametrize("case", ["partial chunk, grouped values, V = 96", "documents, one empty", "v * 3e4",
+                                  "v * 1e-6, no initial state", "no decay"])
+def test_split_rows_forward(monkeypatch, case):
+    # The forward's pass carried as S^T with a power-of-two scale per row (the default for bf16 with
+    # the L2 norm). float16 rounds x / e the same way for any power of two e, so under the interpreter
+    # (which multiplies float16 operands exactly, as float32) it must equal the pass with tile-wide
+    # scales bit for bit, whatever the scales: outputs, final states, and values far outside
+    # float16's range (states ~1e5, or below its normal numbers). On a GPU the two differ only by
+    # the matmuls' accumulation order (docs/benchmarks.md).
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    cu = None
+    if case.startswith("partial"):
+        q, k, v, g, beta, h0 = _inputs(1, 200, 1, 2, 32, 96, seed=41)
+    elif case.startswith("documents"):
+        q, k, v, g, beta, h0 = _inputs(1, 300, 1, 1, 32, 64, num_seqs=4, seed=42)
+        cu = torch.tensor([0, 1, 70, 70, 300])
+    else:
+        q, k, v, g, beta, h0 = _inputs(2, 130, 1, 1, 32, 64, seed=43)
+    scale = {"v * 3e4": 3e4, "v * 1e-6, no initial state": 1e-6}.get(case, 1.0)
+    v, h0 = v * scale, (None if "no initial" in case else h0 * scale)
+    if case == "no decay":
+        g = torch.zeros_like(g)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    ran = []
+    rows_pass = chunk_split._state_forward_rows
+    monkeypatch.setattr(chunk_split, "_state_forward_rows", lambda *a: ran.append(1) or rows_pass(*a))
+    results = []
+    for rows in (False, True):
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_forward", rows)
+        with torch.no_grad():
+            results.append(chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0,
+                                                               output_final_state=True, cu_seqlens=cu))
+    assert ran == [1]
+    (o0, s0), (o1, s1) = results
+    assert torch.isfinite(o1).all() and torch.isfinite(s1).all()
+    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+    _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, cu_seqlens=cu, tol=5e-3)
+    assert chunk_split._rows_block_v(96) == 64 and chunk_split._rows_block_v(32) == 32
+
+
+@triton.jit
+def _pow2_pair_kernel(m, e, inv, N: tl.constexpr):
+    r = tl.arange(0, N)
+    a, b = _pow2_pair(tl.load(m + r))
+    tl.store(e + r, a)
+    tl.store(inv + r, b)
+
+
+def test_pow2_pair_reads_the_exponent_bits():
+    # The state passes' power-of-two scales: e = 2^(ceil(log2 m) - 14) and 1 / e from the float32
+    # bits of m, for powers of two, values just above them, 0 (as 1e-30), and float32's extremes.
+    tiny = torch.finfo(torch.float32).tiny
+    m = torch.tensor([1.0, 1.0000001, 3.0, 2.0**-20, 0.75, 0.0, 1e-30, 1e-35, tiny, 3.0e38, 65504.0, 7e-3,
+                      2.0**14, 2.0**14 + 2.0**-9, 1e5, 2.0**127], dtype=torch.float32)
+    e, inv = torch.empty_like(m), torch.empty_like(m)
+    _pow2_pair_kernel[(1,)](m, e, inv, N=m.numel())
+    want = torch.exp2(torch.ceil(torch.log2(m.double().clamp_min(1e-30))) - 14)
+    want[1] = 2.0 ** -13  # 1 + 2^-23 is above 1: log2 rounds that to 0 in float32, the bits do not
+    assert torch.equal(e.double(), want)
+    assert torch.equal(inv.double(), 1 / want)
+    ratio = m.double().clamp_min(1e-30) / e.double()
+    assert ((ratio > 2.0**13) & (ratio <= 2.0**14)).all()
+
+
+def test_sequence_layout_is_reused_for_equal_lengths():
+    from hybridlm.ops.gated_delta_rule.triton.layout import sequence_layout
+
+    cpu = torch.device("cpu")
+    a = sequence_layout(3, 130, None, cpu)
+    assert sequence_layout(3, 130, None, cpu) is a and sequence_layout(3, 129, None, cpu) is not a
+    assert a.cu_seqlens.tolist() == [0, 130, 260, 390] and a.chunk_offsets.tolist() == [0, 3, 6, 9]
+    assert a.chunk_seq.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and a.chunk_local.tolist() == [0, 1, 2] * 3

@@ -17,7 +17,7 @@ Status: the default GPU backend ("triton-split", auto's choice on CUDA). On an H
 Triton's wgmma code generation at the launch settings below (the sequential kernels need two
 pipelining stages there), the float64 checks give at worst 2.44e-3 with bf16 inputs (no decay,
 64K tokens and documents with extreme gates included; the bf16 rounding of the outputs alone is
-1.7e-3) and 7.8e-6 with float32 inputs (docs/benchmarks.md, eighth session).
+1.7e-3) and 7.8e-6 with float32 inputs (docs/benchmarks.md, ninth session).
 
 Wrapped as the torch.library custom op `hybridlm::gdn_chunk_split` (`chunk.define_chunk_op`).
 """
@@ -62,7 +62,7 @@ class KernelOptions:
     stages_state: int = 0
     warps_state: int = 4
     prepare_block_v: int = 64
-    stages_prepare: int = 2
+    stages_prepare: int = 3
     warps_prepare: int = 4
     output_block_v: int = 64
     stages_output: int = 2
@@ -131,6 +131,18 @@ class KernelOptions:
     # 72 instead of 120 KB of shared memory. Forward 0.86 -> 0.79 ms at the 7B layer; o's error
     # against float64 moves by about 3e-5.
     f16_output_delta: bool = True
+    # Default, with the float16 forward state pass, in the forward only: the pass carries S^T with
+    # a power-of-two scale per row (`_state_fwd_rows_kernel`), so that its scales need no reduction
+    # across warps and its float16 operands enter the matmuls from registers. rows_block_v: its V
+    # tile (0: 64, the rows of one warpgroup's matmul, or V rounded up to a power of two).
+    # That pass asks L2 for the next chunk's tiles at the start of each step (l2_prefetch): Triton
+    # issues the two-stage pipeline's loads only at the end of the step before. Measured on an H200
+    # at the 7B layer: the pass 0.315-0.34 -> 0.27 ms, the forward 0.758 -> 0.707 ms (with
+    # stages_prepare 3); outputs unchanged (bitwise under the interpreter). The prefetch in the
+    # backward's two concurrent passes made them slower (0.452 -> 0.591 ms), so it is not there.
+    rows_forward: bool = True
+    rows_block_v: int = 0
+    l2_prefetch: bool = True
 
 
 SPLIT_OPTIONS = KernelOptions()
@@ -271,12 +283,13 @@ def _split_buffer(like: torch.Tensor, *shape: int, terms: int = 2) -> torch.Tens
     return like.new_empty(terms, *shape, dtype=torch.bfloat16)
 
 
-def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int):
+def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, block_k: int, u_t: bool = False):
     """W (split), U, kscale, the decays e^gamma_C per chunk; with do (backward) also T (split),
     qscale and P^T dO (with the reverse pass's float16 products: P^T dO and dO in float16 with their
     scales per tile, and the V tile; else P^T dO float32, three None and the V tile); and f16, the
     float16 operands of the float16 state passes, (W, kscale * k, qscale * q for the reverse pass
-    or None), or None. W is None when only the float16 passes read it."""
+    or None), or None. W is None when only the float16 passes read it. u_t (forward only): U
+    transposed per chunk, [num_slots, HV, V, C], for `_state_forward_rows`."""
     ntok, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[1], v.shape[2]
     backward = do is not None
@@ -287,7 +300,10 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
         f16 = tuple(q.new_empty(3 if f16_bwd else 2, ntok, value_heads, key_dim, dtype=torch.float16))
         f16 += (None,) * (3 - len(f16))
     w = None if f16_fwd and (f16_bwd or not backward) else _split_buffer(q, ntok, value_heads, key_dim, terms=_w_terms(k))
-    u = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)
+    if u_t:
+        u = q.new_empty(layout.num_slots, value_heads, value_dim, CHUNK, dtype=torch.float32)
+    else:
+        u = q.new_empty(ntok, value_heads, value_dim, dtype=torch.float32)
     kscale = q.new_empty(ntok, value_heads, dtype=torch.float32)
     qscale = torch.empty_like(kscale) if backward else None
     tmat = _split_buffer(q, ntok, value_heads, CHUNK) if backward else None
@@ -311,6 +327,7 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
         BT=CHUNK, LOG2_BT=6, BK=block_k, BV=prep_v, NORM=norm, BACKWARD=backward,
         W_TERMS=_w_terms(k), STORE_W=w is not None, F16=f16 is not None, F16_Q=f16_bwd,
         INV_F16=_f16_inverse(k, norm), chunk_offsets=layout.chunk_offsets, decay=decay, do16=do16, do_scale=do_scale,
+        U_T=u_t,
         num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
     )
     return w, u, kscale, decay, qscale, tmat, (dvl, dvl_scale, do16, do_scale, prep_v), f16
@@ -357,17 +374,52 @@ def _state_forward(k, w, u, kscale, decay, initial_state, output_final_state, la
     return states, vnew, final, (s_scale, d_scale, state_v)
 
 
+def _rows_block_v(value_dim: int) -> int:
+    """V tile of `_state_fwd_rows_kernel` (KernelOptions.rows_block_v)."""
+    return SPLIT_OPTIONS.rows_block_v or min(64, max(16, triton.next_power_of_2(value_dim)))
+
+
+def _state_forward_rows(k, u, decay, f16, initial_state, output_final_state, layout, block_k):
+    """The forward pass carried as S^T with a scale per row: the chunk-entry states [1, NCHUNK, HV,
+    K, V] (one bf16 term), Delta [1, NTOK, HV, V] float16 with its scales per value column
+    [NCHUNK, HV, V], and the final state or None."""
+    value_heads, value_dim = u.shape[1], u.shape[2]
+    key_dim = k.shape[2]
+    block_v = _rows_block_v(value_dim)
+    states = _split_buffer(k, layout.num_slots, value_heads, key_dim, value_dim, terms=1)
+    vnew = k.new_empty(1, k.shape[0], value_heads, value_dim, dtype=torch.float16)
+    d_scale = u.new_empty(layout.num_slots, value_heads, value_dim)
+    final = None
+    if output_final_state:
+        final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
+    kernels._state_fwd_rows_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, block_v))](
+        f16[1], f16[0], u, decay, initial_state, states[0], vnew[0], d_scale, final,
+        layout.cu_seqlens, layout.chunk_offsets,
+        value_heads, key_dim, value_dim,
+        BT=CHUNK, BK=block_k, BV=block_v, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+        PREFETCH=SPLIT_OPTIONS.l2_prefetch,
+        num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
+    )
+    return states, vnew, final, d_scale
+
+
 def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout: SequenceLayout, norm: bool):
     """Flattened inputs [NTOK, H, K], [NTOK, HV, V], [NTOK, HV] -> (o [NTOK, HV, V], final or None)."""
     heads, key_dim = q.shape[1], q.shape[2]
     value_heads, value_dim = v.shape[1], v.shape[2]
     block_k = _block_k(key_dim)
-    w, u, kscale, decay, _, _, _, f16 = _prepare(q, k, v, g, beta, None, scale, layout, norm, block_k)
-    out_terms = _output_terms(q)
-    f16_delta = f16 is not None and SPLIT_OPTIONS.f16_output_delta
-    states, vnew, final, (_, d_scale, state_v) = _state_forward(
-        k, w, u, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=out_terms,
-        f16=f16, f16_delta=f16_delta)
+    rows = SPLIT_OPTIONS.rows_forward and _f16_state_forward(k, norm)
+    w, u, kscale, decay, _, _, _, f16 = _prepare(q, k, v, g, beta, None, scale, layout, norm, block_k, u_t=rows)
+    if rows:  # one bf16 term of S, float16 Delta with a scale per column
+        out_terms, f16_delta, state_v = 1, True, 1
+        states, vnew, final, d_scale = _state_forward_rows(
+            k, u, decay, f16, initial_state, output_final_state, layout, block_k)
+    else:
+        out_terms = _output_terms(q)
+        f16_delta = f16 is not None and SPLIT_OPTIONS.f16_output_delta
+        states, vnew, final, (_, d_scale, state_v) = _state_forward(
+            k, w, u, kscale, decay, initial_state, output_final_state, layout, block_k, state_terms=out_terms,
+            f16=f16, f16_delta=f16_delta)
     del w, u, kscale, decay, f16
     o = v.new_empty(v.shape, dtype=q.dtype)
     kernels._output_kernel[(layout.num_slots, value_heads)](

@@ -12,8 +12,9 @@ Gamma_ij = exp(gamma_i - gamma_j) for i >= j (0 above), S the chunk-entry state 
     S_next = e^gamma_C S + K^T diag(e^(gamma_C - gamma)) Delta
 
 Kernels. Forward: `_prepare_kernel` (per chunk: T, W, U and the row scales), `_state_fwd_kernel`
-(per sequence, value head and V tile: the sequential pass, chunk-entry states and Delta),
-`_output_kernel` (per chunk: O). Backward: the same prepare (also T, P^T dO) and state passes, then
+(per sequence, value head and V tile: the sequential pass, chunk-entry states and Delta; with
+float16 products the forward uses `_state_fwd_rows_kernel`, the same pass carried as S^T with a
+scale per row), `_output_kernel` (per chunk: O). Backward: the same prepare (also T, P^T dO) and state passes, then
 `_state_bwd_kernel` (the reverse pass: state gradients and dDelta), `_grad_q_kernel` (per chunk:
 the gradient of q through the states, which needs only them and dO), `_grad_local_kernel` and
 `_grad_state_kernel` (per chunk: the gradients without / through the states, including the
@@ -78,6 +79,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         tl.static_assert(a.dtype == b.dtype, "tl.dot operands must have the same dtype")
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
 
+    @triton.jit
+    def _prefetch_l2(ptrs):
+        pass  # a hint on the GPU; the interpreter runs no inline assembly
+
 else:
 
     @triton.jit
@@ -88,6 +93,12 @@ else:
     def _dot(a, b, acc):
         """acc + a @ b: bf16 operands, float32 accumulation."""
         return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _prefetch_l2(ptrs):
+        """Ask L2 to fetch the 128-byte lines holding ptrs (a hint: nothing waits for it)."""
+        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -152,23 +163,35 @@ def _mm_sr_t(ah, al, b, acc, TERMS: tl.constexpr):
 
 
 @triton.jit
+def _pow2_pair(m):
+    """(e, 1 / e) for the power of two e = 2^(ceil(log2 m) - 14), elementwise for m >= 0 (m below
+    1e-30 counts as 1e-30): m / e lies in (2^13, 2^14]. Read off m's float32 exponent and mantissa
+    bits, so no log2 / exp2 / division sits on a sequential pass's critical path; both results are
+    normal floats for every m up to float32's largest."""
+    bits = tl.maximum(m, 1e-30).to(tl.int32, bitcast=True)
+    c = (bits >> 23) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)  # ceil(log2 m)
+    e = ((c + 113) << 23).to(tl.float32, bitcast=True)
+    return e, ((141 - c) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _pow2_scale(m):
-    """The power of two e with m / e in [2^13, 2^14) (elementwise, m >= 0; 1e-30 for m = 0)."""
-    return tl.exp2(tl.ceil(tl.log2(tl.maximum(m, 1e-30))) - 14.0)
+    """The power of two e with m / e in (2^13, 2^14] (elementwise, m >= 0; m = 0 counts as 1e-30)."""
+    e, _ = _pow2_pair(m)
+    return e
 
 
 @triton.jit
 def _f16_scale(x):
     """The power of two e of `_f16_scaled`, and 1 / e computed apart (exact either way): a product
     x * (1 / e) written twice would be one value, stored from the matmul operand's layout."""
-    m = tl.maximum(tl.max(tl.abs(x)), 1e-30)
-    return tl.exp2(tl.ceil(tl.log2(m)) - 14.0), tl.exp2(14.0 - tl.ceil(tl.log2(m)))
+    return _pow2_pair(tl.max(tl.abs(x)))
 
 
 @triton.jit
 def _f16_scaled(x):
     """x (float32) as float16 x16 times a power of two e, x = e * x16 to about 11 significant bits:
-    e puts the largest |x| in [2^13, 2^14), so no tile overflows float16 and none underflows it
+    e puts the largest |x| in (2^13, 2^14], so no tile overflows float16 and none underflows it
     (the smallest normal float16 is 2^-28 of that)."""
     e, _ = _f16_scale(x)
     return (x * (1.0 / e)).to(tl.float16), e
@@ -247,6 +270,18 @@ def _load_t(base, stride, n_rows, n_cols, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_tile(base, stride, n_rows, n_cols, R: tl.constexpr, LINES: tl.constexpr, STEP: tl.constexpr):
+    """L2 prefetch of the [R, n_cols] tile `_load` would read at base: LINES addresses STEP elements
+    apart in each row (one per 128-byte line; the last clamped to the row's last element, which
+    covers a row that is not aligned), rows past n_rows mapped to the first (always valid) row. The sequential passes read each chunk's tiles
+    through a two-stage pipeline whose loads Triton issues only at the end of the step before, so
+    without this most of a step waits for device memory."""
+    r = tl.arange(0, R)[:, None]
+    c = tl.minimum(tl.arange(0, LINES)[None, :] * STEP, n_cols - 1)
+    _prefetch_l2(base + tl.where(r < n_rows, r, 0) * stride + c)
+
+
+@triton.jit
 def _store(base, stride, n_rows, n_cols, value, R: tl.constexpr, C: tl.constexpr):
     r = tl.arange(0, R)
     c = tl.arange(0, C)
@@ -290,7 +325,7 @@ def _prepare_kernel(
     BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
     STORE_W: tl.constexpr = True, F16_Q: tl.constexpr = False, INV_F16: tl.constexpr = False,
-    chunk_offsets=None, decay=None, do16=None, do_scale=None,
+    chunk_offsets=None, decay=None, do16=None, do_scale=None, U_T: tl.constexpr = False,
 ):
     """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
     kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
@@ -304,7 +339,8 @@ def _prepare_kernel(
     likewise (do16, do_scale); STORE_W = False skips w_hi and
     w_lo (where only the float16 passes read W). INV_F16: T by `_unit_lower_inverse_f16`.
     decay[chunk, hv] = e^gamma_C (chunk = chunk_offsets[sequence] + chunk index in it), so that the
-    state passes need no reduction for it.
+    state passes need no reduction for it. U_T (forward only, for `_state_fwd_rows_kernel`): U stored
+    transposed per chunk, u[chunk, hv, V, BT] (float32), the layout that pass reads.
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -323,7 +359,8 @@ def _prepare_kernel(
     # Padded rows have g = 0, so gamma there equals gamma at the last real row (= gamma_C).
     gam = tl.cumsum(gv, 0)
     gam_last = tl.sum(gv, 0)
-    tl.store(decay + (tl.load(chunk_offsets + seq) + local).to(tl.int64) * HV + hv, tl.exp(gam_last))
+    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
+    tl.store(decay + chunk * HV + hv, tl.exp(gam_last))
     if F16:  # early, while few tiles are live
         ks = rk * tl.exp(gam_last - gam)
         _store(k16 + (t0 * HV + hv) * K, HV * K, n, K, kx.to(tl.float32) * ks[:, None], BT, BK)
@@ -367,7 +404,12 @@ def _prepare_kernel(
     for iv in range(0, tl.cdiv(V, BV)):
         cols = V - iv * BV
         vx = _load(v + t0 * SV + hv * V + iv * BV, SV, n, cols, BT, BV)
-        _store(u + hvv + iv * BV, HV * V, n, cols, _mm_sr(th, tl_, vx, tl.zeros([BT, BV], dtype=tl.float32)), BT, BV)
+        ux = _mm_sr(th, tl_, vx, tl.zeros([BT, BV], dtype=tl.float32))
+        if U_T:
+            # all BT columns: U's rows past the chunk's end are 0 (v is 0 there), stored whole
+            _store(u + ((chunk * HV + hv) * V + iv * BV) * BT, BT, cols, BT, tl.trans(ux), BV, BT)
+        else:
+            _store(u + hvv + iv * BV, HV * V, n, cols, ux, BT, BV)
         if BACKWARD:
             dox = _load(do + hvv + iv * BV, HV * V, n, cols, BT, BV)
             pdo = _mm_sr(ph, pl, dox, tl.zeros([BT, BV], dtype=tl.float32))
@@ -479,6 +521,78 @@ def _state_fwd_kernel(
 
 
 @triton.jit
+def _state_fwd_rows_kernel(
+    k16, w16, ut, decay, h0, s_hi, d16, d_scale, ht,
+    cu_seqlens, chunk_offsets,
+    HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREFETCH: tl.constexpr = False,
+):
+    """Per (sequence, value head, V tile): the forward's sequential pass with float16 products,
+    carried transposed, S^T [V, K], with one power-of-two scale per row (per value column of S).
+
+        Delta^T = U^T - S^T W^T,  S^T <- e^gamma_C S^T + Delta^T (kscale * k)
+
+    Both products contract over the rows' other axis (K, then the chunk's tokens), so a row's scale
+    factors out of them: the scales are row maxima, which stay inside one warp (the matmul
+    accumulators split rows across warps), and the float16 operands S^T, Delta^T enter the matmuls
+    from registers. No reduction or shared-memory round trip across the warps on the critical path,
+    where `_state_fwd_kernel`'s tile-wide scales need both. w16, k16: [NTOK, HV, K] float16 (W and
+    kscale * k, from the prepare kernel); ut: [NCHUNK, HV, V, BT] float32 (U^T per chunk, the
+    prepare kernel's U_T).
+    Stores, for `_output_kernel` at OUT_TERMS = 1 with D_F16 and D_BV = 1, each chunk-entry S as one
+    bf16 term (s_hi [NCHUNK, HV, K, V]) and Delta as it multiplies it (d16 [NTOK, HV, V] float16,
+    its scale per value column in d_scale [NCHUNK, HV, V]). h0 / ht: [N, HV, K, V] float32. Only
+    with the L2 norm (W and kscale * k bounded, so float16 holds them). The rows' scales put each
+    row's largest |entry| in (2^13, 2^14] (`_pow2_pair`): about 11 significant bits per entry, and
+    the same float16 roundings as `_state_fwd_kernel`'s F16 (x / e rounds alike for any power of
+    two e, barring float16 subnormals).
+    PREFETCH: the next chunk's tiles to L2 at the start of each step (`_prefetch_tile`).
+    """
+    n = tl.program_id(0)
+    hv = tl.program_id(1)
+    iv = tl.program_id(2)
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    num_chunks = tl.cdiv(eos - bos, BT)
+    cols = V - iv * BV
+    r = tl.arange(0, BV)
+    kv = K * V
+    if HAS_H0:
+        S = _load_t(h0 + (n * HV + hv) * kv + iv * BV, V, K, cols, BK, BV).to(tl.float32)
+    else:
+        S = tl.zeros([BV, BK], dtype=tl.float32)
+    for c in range(0, num_chunks):
+        chunk = c0 + c
+        if PREFETCH:
+            tn = bos + tl.minimum(c + 1, num_chunks - 1) * BT
+            rn = tl.minimum(eos - tn, BT).to(tl.int32)
+            _prefetch_tile(w16 + (tn * HV + hv) * K, HV * K, rn, K, BT, (BK + 31) // 32, 64)
+            _prefetch_tile(k16 + (tn * HV + hv) * K, HV * K, rn, K, BT, (BK + 31) // 32, 64)
+            cn = c0 + tl.minimum(c + 1, num_chunks - 1)
+            _prefetch_tile(ut + ((cn * HV + hv) * V + iv * BV) * BT, BT, cols, BT, BV, (BT + 31) // 32, 32)
+        es, inv_es = _pow2_pair(tl.max(tl.abs(S), 1))
+        st = (S * inv_es[:, None]).to(tl.float16)
+        _store(s_hi + (chunk * HV + hv) * kv + iv * BV, V, K, cols, tl.trans(S), BK, BV)
+        row = (chunk * HV + hv) * V + iv * BV  # first row of this tile in the per-chunk buffers
+        t0 = bos + c * BT
+        rows = tl.minimum(eos - t0, BT).to(tl.int32)
+        hk = (t0 * HV + hv) * K
+        x = _dot(st, tl.trans(_load(w16 + hk, HV * K, rows, K, BT, BK)), tl.zeros([BV, BT], dtype=tl.float32))
+        delta = _load(ut + row * BT, BT, cols, BT, BV, BT) - x * es[:, None]  # 0 past the chunk's end
+        ed, inv_ed = _pow2_pair(tl.max(tl.abs(delta), 1))
+        dt = (delta * inv_ed[:, None]).to(tl.float16)
+        _store(d16 + (t0 * HV + hv) * V + iv * BV, HV * V, rows, cols, tl.trans(delta * inv_ed[:, None]), BT, BV)
+        tl.store(d_scale + row + r, ed, mask=r < cols)
+        chunk_decay = tl.load(decay + chunk * HV + hv)
+        kx = _load(k16 + hk, HV * K, rows, K, BT, BK)
+        S = _dot(dt, kx, tl.zeros([BV, BK], dtype=tl.float32)) * ed[:, None] + S * chunk_decay
+    if STORE_HT:
+        _store(ht + (n * HV + hv) * kv + iv * BV, V, K, cols, tl.trans(S), BK, BV)
+
+
+@triton.jit
 def _output_kernel(
     q, k, g, s_hi, s_lo, d_hi, d_lo, o,
     cu_seqlens, chunk_seq, chunk_local, chunk_offsets,
@@ -494,6 +608,7 @@ def _output_kernel(
     D_F16 (with the L2 norm, which bounds |P| by the scale): Delta in float16 as the forward
     state pass stored it (d_hi, its scales per V tile of D_BV columns in d_scale) and P in
     float16: one matmul for P Delta instead of three.
+    (D_BV = 1: a scale per column, as `_state_fwd_rows_kernel` stores them.)
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
