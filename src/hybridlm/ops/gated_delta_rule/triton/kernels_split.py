@@ -251,6 +251,15 @@ def _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT: tl.constexpr):
     return seq, local, t0, tl.minimum(eos - t0, BT).to(tl.int32)
 
 
+@triton.jit
+def _sequence_chunks(n, cu_seqlens, chunk_offsets, BT: tl.constexpr):
+    """(first token, end token, global index of the first chunk, number of chunks) of sequence n,
+    int64: the sequential kernels' walk over one sequence."""
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    return bos, eos, tl.load(chunk_offsets + n).to(tl.int64), tl.cdiv(eos - bos, BT)
+
+
 # Tiles are addressed as a scalar 64-bit base pointer plus int32 offsets inside the tile: per-element
 # 64-bit pointers would cost two registers per element of every tile.
 @triton.jit
@@ -458,10 +467,7 @@ def _state_fwd_kernel(
     hv = tl.program_id(1)
     iv = tl.program_id(2)
     h = hv // (HV // H)
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    c0 = tl.load(chunk_offsets + n).to(tl.int64)
-    num_chunks = tl.cdiv(eos - bos, BT)
+    bos, eos, c0, num_chunks = _sequence_chunks(n, cu_seqlens, chunk_offsets, BT)
     cols = V - iv * BV
     kv = K * V
 
@@ -552,10 +558,7 @@ def _state_fwd_rows_kernel(
     n = tl.program_id(0)
     hv = tl.program_id(1)
     iv = tl.program_id(2)
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    c0 = tl.load(chunk_offsets + n).to(tl.int64)
-    num_chunks = tl.cdiv(eos - bos, BT)
+    bos, eos, c0, num_chunks = _sequence_chunks(n, cu_seqlens, chunk_offsets, BT)
     cols = V - iv * BV
     r = tl.arange(0, BV)
     kv = K * V
@@ -684,10 +687,7 @@ def _state_bwd_kernel(
     hv = tl.program_id(1)
     iv = tl.program_id(2)
     h = hv // (HV // H)
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    c0 = tl.load(chunk_offsets + n).to(tl.int64)
-    num_chunks = tl.cdiv(eos - bos, BT)
+    bos, eos, c0, num_chunks = _sequence_chunks(n, cu_seqlens, chunk_offsets, BT)
     cols = V - iv * BV
     kv = K * V
 
