@@ -85,7 +85,8 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16,
                     q16="*fp16" if f16 and backward else None, F16_Q=f16 and backward, STORE_W=not f16,
                     INV_F16=f16, chunk_offsets="*i32", decay=f32, do16="*fp16" if f16 and backward else None,
-                    do_scale=f32 if f16 and backward else None)
+                    do_scale=f32 if f16 and backward else None, seq_len="i32", UNIFORM=True,
+                    V_LINES=0 if backward else 4, U_T=f16 and not backward)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 3))
     for block_v in state_block_vs:
         args = dict(common, k=raw, w_hi=half, w_lo=half, u=f32, decay=f32, kscale=f32, h0=None, s_hi=half, s_lo=half,
@@ -108,11 +109,11 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
     if f16:  # the forward's pass with a scale per row of S^T (`rows_forward`)
         args = dict(k16="*fp16", w16="*fp16", ut=f32, decay=f32, h0=None, s_hi=half, d16="*fp16", d_scale=f32,
                     ht=None, cu_seqlens="*i32", chunk_offsets="*i32", HV="i32", K="i32", V="i32",
-                    BT=64, BK=block_k, BV=64, HAS_H0=False, STORE_HT=False, PREFETCH=True)
+                    BT=64, BK=block_k, BV=64, HAS_H0=False, STORE_HT=False, PREFETCH=True, LATE_STORES=False)
         runs.append(("state pass, forward, rows (V tile 64)", k._state_fwd_rows_kernel, args, 4, state_stages))
     args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi="*fp16" if f16 else half,
                 d_lo="*fp16" if f16 else half, o=raw, BV=64, OUT_TERMS=1 if f16 else terms,
-                d_scale=f32 if f16 else None, D_F16=f16, D_BV=32)
+                d_scale=f32 if f16 else None, D_F16=f16, D_BV=1 if f16 else 32, seq_len="i32", UNIFORM=True)
     runs.append(("output", k._output_kernel, args, 4, 2))
     args = dict(common, q=raw, k=raw, v=raw, g=f32, beta=f32, t_hi=half, t_lo=half, d_hi=half, d_lo=half, dd_hi=half,
                 dd_lo=half, do=raw, scratch=f32, dv=raw, dvb_out=f32, dq_part=f32, dk_part=f32, dbeta_part=f32, dgam_part=f32, BV=32, TERMS=grad_terms,

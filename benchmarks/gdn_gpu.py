@@ -327,6 +327,23 @@ def _fla_version() -> str:
         return "?"
 
 
+def kernel_times(step, steps: int = 3) -> dict[str, tuple[float, float]]:
+    """{kernel name (60 characters): (calls per step, GPU ms per step)} of `step`, from
+    torch.profiler over `steps` calls after one warm-up call."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total > 0:
+            times[event.key[:60]] = (event.count / steps, total / steps / 1e3)
+    return times
+
+
 def profile_kernels(batch, seq_len, heads, key_dim, value_dim) -> list[dict]:
     """GPU time per kernel of one forward+backward of the first of --impls (torch.profiler, mean of
     3 runs after a warm-up)."""
@@ -337,17 +354,7 @@ def profile_kernels(batch, seq_len, heads, key_dim, value_dim) -> list[dict]:
     def step():
         return torch.autograd.grad(IMPLS[RUN_IMPLS[0]](q, k, v, g, beta)[0], leaves, do)
 
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    rows = []
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if total > 0:
-            rows.append({"kernel": event.key[:60], "calls_per_step": event.count / 3, "ms_per_step": total / 3e3})
+    rows = [{"kernel": name, "calls_per_step": calls, "ms_per_step": ms} for name, (calls, ms) in kernel_times(step).items()]
     rows.sort(key=lambda r: -r["ms_per_step"])
     for r in rows[:14]:
         print(f"[profile] {r['kernel']:60s} {r['calls_per_step']:4.1f} calls {r['ms_per_step']:.3f} ms", flush=True)

@@ -27,7 +27,7 @@ from hybridlm.ops.gated_delta_rule.triton import (  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from hybridlm.ops.gated_delta_rule.triton.kernels_split import _pow2_pair  # noqa: E402
+from hybridlm.ops.gated_delta_rule.triton.kernels_split import _pow2_pair, _unit_lower_inverse  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels on CPU tensors under TRITON_INTERPRET=1", allow_module_level=True)
@@ -473,15 +473,17 @@ def test_split_rows_forward(monkeypatch, case):
     rows_pass = chunk_split._state_forward_rows
     monkeypatch.setattr(chunk_split, "_state_forward_rows", lambda *a: ran.append(1) or rows_pass(*a))
     results = []
-    for rows in (False, True):
+    for rows, late in [(False, None), (True, False), (True, True)]:  # late: the stores after the matmuls
         monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_forward", rows)
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_late_stores", late)
         with torch.no_grad():
             results.append(chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0,
                                                                output_final_state=True, cu_seqlens=cu))
-    assert ran == [1]
-    (o0, s0), (o1, s1) = results
+    assert ran == [1, 1]
+    (o0, s0), (o1, s1), (o2, s2) = results
     assert torch.isfinite(o1).all() and torch.isfinite(s1).all()
-    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+    assert torch.equal(o0, o1) and torch.equal(s0, s1) and torch.equal(o1, o2) and torch.equal(s1, s2)
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_late_stores", None)
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, cu_seqlens=cu, tol=5e-3)
     assert chunk_split._rows_block_v(96) == 64 and chunk_split._rows_block_v(32) == 32
 
@@ -518,3 +520,60 @@ def test_sequence_layout_is_reused_for_equal_lengths():
     assert sequence_layout(3, 130, None, cpu) is a and sequence_layout(3, 129, None, cpu) is not a
     assert a.cu_seqlens.tolist() == [0, 130, 260, 390] and a.chunk_offsets.tolist() == [0, 3, 6, 9]
     assert a.chunk_seq.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and a.chunk_local.tolist() == [0, 1, 2] * 3
+
+
+@triton.jit
+def _unit_lower_inverse_kernel(a, t, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+    r = tl.arange(0, BT)
+    offsets = r[:, None] * BT + r[None, :]
+    tl.store(t + offsets, _unit_lower_inverse(tl.load(a + offsets), BT, LOG2_BT))
+
+
+@pytest.mark.parametrize("case, bar", [("normalised keys, beta up to 2", 1e-5), ("one key, beta 1.999", 3e-4),
+                                       ("no decay, beta 2", 5e-5)])
+def test_unit_lower_inverse_matches_float64(case, bar):
+    # The prepare kernel's T = (I + A)^-1 (block doubling, each level's product taken with the whole
+    # of A and masked) against float64, A = diag(beta) (K K^T * decay) strictly below the diagonal as
+    # the kernel builds it, with entries up to 2 where the inverse's entries alternate in sign. The
+    # bars follow I + A's condition number (4.7, 1000, 36): each is at least 15x below the error
+    # that rounding A to one bf16 term alone gives (1.0e-3, 4.4e-2, 4.9e-3).
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(64, 32, generator=gen, dtype=torch.float64)
+    if case.startswith("one key"):
+        k = k[:1].expand(64, 32)
+    k = k / k.norm(dim=-1, keepdim=True)
+    beta = torch.rand(64, generator=gen, dtype=torch.float64) * 2
+    gam = torch.cumsum(-torch.rand(64, generator=gen, dtype=torch.float64) * 0.1, 0)
+    if case != "normalised keys, beta up to 2":
+        beta = torch.full_like(beta, 1.999 if case.startswith("one key") else 2.0)
+    if case.startswith("no decay"):
+        gam = torch.zeros_like(gam)
+    a = (beta[:, None] * (k @ k.T) * torch.exp(gam[:, None] - gam[None, :])).tril(-1).float()
+    t = torch.empty_like(a)
+    _unit_lower_inverse_kernel[(1,)](a, t, BT=64, LOG2_BT=6)
+    want = torch.linalg.inv(torch.eye(64, dtype=torch.float64) + a.double())
+    assert torch.equal(t.triu(1), torch.zeros_like(t)) and torch.equal(t.diagonal(), torch.ones(64))
+    assert _rel(t, want) < bar, f"{_rel(t, want):.2e}"
+
+
+def test_split_uniform_batch_slots(monkeypatch):
+    # For a batch of equal-length sequences the per-chunk kernels compute where each slot sits
+    # (SequenceLayout.uniform_len) instead of reading the layout: outputs and gradients must equal
+    # the read layout's bit for bit (T not a multiple of the chunk, grouped values).
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+    from hybridlm.ops.gated_delta_rule.triton.layout import sequence_layout
+
+    cpu = torch.device("cpu")
+    assert sequence_layout(3, 130, None, cpu).uniform_len == 130
+    assert sequence_layout(1, 130, torch.tensor([0, 60, 130]), cpu).uniform_len == 0
+    q, k, v, g, beta, h0 = _inputs(3, 130, 1, 2, 32, 32, seed=51)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    results = []
+    for uniform in (False, True):
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "uniform_slots", uniform)
+        inputs = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+        o, s = chunk_gated_delta_rule_triton_split(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+        results.append([o, s, *torch.autograd.grad((o.float() * do.float()).sum() + s.sum(), inputs)])
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

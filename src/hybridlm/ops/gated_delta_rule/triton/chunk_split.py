@@ -143,6 +143,22 @@ class KernelOptions:
     rows_forward: bool = True
     rows_block_v: int = 0
     l2_prefetch: bool = True
+    # rows_late_stores: that pass stores S and Delta after issuing the matmul that follows them,
+    # instead of before, where their layout conversions held the step up. Measured on an H200 (GPU
+    # time under CUDA-graph replay): 0.665 -> 0.650 ms forward at the 7B layer (90 programs, one per
+    # SM), but 0.626 -> 0.628 and 0.514 -> 0.516 at the issue's other two shapes (192 and 256
+    # programs, where a second program on the SM fills those stalls). None: on when every program
+    # has an SM to itself.
+    rows_late_stores: bool | None = None
+    # Batches of equal-length sequences: the per-chunk prepare and output kernels compute where
+    # their chunk sits from the slot index (`SequenceLayout.uniform_len`) instead of reading it
+    # through two dependent loads before the chunk's own. The forward prepare kernel also asks L2
+    # for v as it starts (it reads v last, after the triangular inverse): prepare_prefetch_v.
+    # Measured on an H200 with CUDA-graph replay at the three issue shapes: the prepare kernel
+    # 0.269 -> 0.250 ms (uniform_slots) -> 0.247 (both) at the 7B layer; the forward
+    # 0.69 / 0.65 / 0.54 -> 0.67 / 0.63 / 0.52 ms.
+    uniform_slots: bool = True
+    prepare_prefetch_v: bool = True
 
 
 SPLIT_OPTIONS = KernelOptions()
@@ -265,12 +281,16 @@ def _state_block_v(value_dim: int, programs_per_tile: int, device: torch.device,
     largest = min(64 if wgmma else 32, max(16, triton.next_power_of_2(value_dim)))
     if backward and concurrent:
         return min(32, largest)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device)
     block_v = 16
     while block_v < largest and (programs_per_tile * triton.cdiv(value_dim, block_v)
                                  > sms * min(2, _per_sm(backward, block_v, wgmma, one_term, f16))):
         block_v *= 2
     return block_v
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _v_tile(option: int, value_dim: int) -> int:
@@ -327,7 +347,9 @@ def _prepare(q, k, v, g, beta, do, scale, layout: SequenceLayout, norm: bool, bl
         BT=CHUNK, LOG2_BT=6, BK=block_k, BV=prep_v, NORM=norm, BACKWARD=backward,
         W_TERMS=_w_terms(k), STORE_W=w is not None, F16=f16 is not None, F16_Q=f16_bwd,
         INV_F16=_f16_inverse(k, norm), chunk_offsets=layout.chunk_offsets, decay=decay, do16=do16, do_scale=do_scale,
-        U_T=u_t,
+        U_T=u_t, seq_len=layout.uniform_len,
+        UNIFORM=layout.uniform_len > 0 and SPLIT_OPTIONS.uniform_slots,
+        V_LINES=triton.next_power_of_2(triton.cdiv(value_dim, 64)) if SPLIT_OPTIONS.prepare_prefetch_v and not backward else 0,
         num_warps=SPLIT_OPTIONS.warps_prepare, num_stages=SPLIT_OPTIONS.stages_prepare,
     )
     return w, u, kscale, decay, qscale, tmat, (dvl, dvl_scale, do16, do_scale, prep_v), f16
@@ -386,18 +408,22 @@ def _state_forward_rows(k, u, decay, f16, initial_state, output_final_state, lay
     value_heads, value_dim = u.shape[1], u.shape[2]
     key_dim = k.shape[2]
     block_v = _rows_block_v(value_dim)
+    grid = (layout.num_seqs, value_heads, triton.cdiv(value_dim, block_v))
+    late = SPLIT_OPTIONS.rows_late_stores
+    if late is None:  # alone on its SM, a program has no other warps to fill its stalls with
+        late = k.device.type == "cuda" and grid[0] * grid[1] * grid[2] <= _sm_count(k.device)
     states = _split_buffer(k, layout.num_slots, value_heads, key_dim, value_dim, terms=1)
     vnew = k.new_empty(1, k.shape[0], value_heads, value_dim, dtype=torch.float16)
     d_scale = u.new_empty(layout.num_slots, value_heads, value_dim)
     final = None
     if output_final_state:
         final = u.new_empty(layout.num_seqs, value_heads, key_dim, value_dim, dtype=torch.float32)
-    kernels._state_fwd_rows_kernel[(layout.num_seqs, value_heads, triton.cdiv(value_dim, block_v))](
+    kernels._state_fwd_rows_kernel[grid](
         f16[1], f16[0], u, decay, initial_state, states[0], vnew[0], d_scale, final,
         layout.cu_seqlens, layout.chunk_offsets,
         value_heads, key_dim, value_dim,
         BT=CHUNK, BK=block_k, BV=block_v, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
-        PREFETCH=SPLIT_OPTIONS.l2_prefetch,
+        PREFETCH=SPLIT_OPTIONS.l2_prefetch, LATE_STORES=late,
         num_warps=SPLIT_OPTIONS.warps_state, num_stages=_state_stages(k.device),
     )
     return states, vnew, final, d_scale
@@ -427,7 +453,8 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout:
         layout.cu_seqlens, layout.chunk_seq, layout.chunk_local, layout.chunk_offsets,
         scale, heads, value_heads, key_dim, value_dim, q.stride(0), v.stride(0),
         BT=CHUNK, BK=block_k, BV=_v_tile(SPLIT_OPTIONS.output_block_v, value_dim), NORM=norm, OUT_TERMS=out_terms,
-        d_scale=d_scale, D_F16=f16_delta, D_BV=state_v,
+        d_scale=d_scale, D_F16=f16_delta, D_BV=state_v, seq_len=layout.uniform_len,
+        UNIFORM=layout.uniform_len > 0 and SPLIT_OPTIONS.uniform_slots,
         num_warps=SPLIT_OPTIONS.warps_output, num_stages=SPLIT_OPTIONS.stages_output,
     )
     return o, final

@@ -205,16 +205,21 @@ def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
     2h is T - T C T, C the part of A in the lower-left h x h quadrant of each 2h block
     ([[X, 0], [C, Y]]^-1 = [[X^-1, 0], [-Y^-1 C X^-1, Y^-1]]). Exact block forward substitution:
     no power series, so no growth-and-cancellation when beta is near 2.
+
+    T C equals T A on C's quadrants (T is zero outside the h blocks, and there A's entries are C's),
+    so each level multiplies by the whole of A and masks the product: A is split, and put in
+    shared memory for the matmuls, once instead of once per level, with the same products.
     """
     ii = tl.arange(0, BT)[:, None]
     jj = tl.arange(0, BT)[None, :]
     inv = tl.where(ii == jj, 1.0, 0.0) - tl.where((ii // 2) == (jj // 2), A, 0.0)
+    ah, al = _split(A)
     for level in tl.static_range(2, LOG2_BT + 1):
         same_block = (ii >> level) == (jj >> level)
         other_half = (ii >> (level - 1)) != (jj >> (level - 1))
-        ch, cl = _split(tl.where(same_block & other_half, A, 0.0))
         ih, il = _split(inv)
-        xh, xl = _split(-_mm_ss(ih, il, ch, cl, tl.zeros([BT, BT], dtype=tl.float32)))
+        x = _mm_ss(ih, il, ah, al, tl.zeros([BT, BT], dtype=tl.float32))
+        xh, xl = _split(tl.where(same_block & other_half, -x, 0.0))
         inv = _mm_ss(xh, xl, ih, il, inv)
     return inv
 
@@ -232,9 +237,9 @@ def _unit_lower_inverse_f16(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
     for level in tl.static_range(2, LOG2_BT + 1):
         same_block = (ii >> level) == (jj >> level)
         other_half = (ii >> (level - 1)) != (jj >> (level - 1))
-        c16 = tl.where(same_block & other_half, a16, 0.0).to(tl.float16)
         i16, ei = _f16_scaled(inv)
-        x16, ex = _f16_scaled(_dot(i16, c16, tl.zeros([BT, BT], dtype=tl.float32)) * (-(ei * ea)))
+        x = _dot(i16, a16, tl.zeros([BT, BT], dtype=tl.float32))  # masked as in `_unit_lower_inverse`
+        x16, ex = _f16_scaled(tl.where(same_block & other_half, x, 0.0) * (-(ei * ea)))
         inv += _dot(x16, i16, tl.zeros([BT, BT], dtype=tl.float32)) * (ex * ei)
     return inv
 
@@ -249,6 +254,25 @@ def _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT: tl.constexpr):
     eos = tl.load(cu_seqlens + safe + 1).to(tl.int64)
     t0 = bos + local * BT
     return seq, local, t0, tl.minimum(eos - t0, BT).to(tl.int32)
+
+
+@triton.jit
+def _slot_bounds(slot, chunk_seq, chunk_local, cu_seqlens, chunk_offsets, seq_len, BT: tl.constexpr,
+                 UNIFORM: tl.constexpr):
+    """`_chunk_bounds` and the slot's global chunk index (int64). UNIFORM (a batch of sequences of
+    seq_len tokens each, `SequenceLayout.uniform_len`): computed from the slot, with no dependent
+    reads of the layout before the chunk's own loads can start."""
+    if UNIFORM:
+        nc = tl.cdiv(seq_len, BT)
+        seq = slot // nc
+        local = slot - seq * nc
+        t0 = seq.to(tl.int64) * seq_len + local * BT
+        n = tl.minimum(seq_len - local * BT, BT)
+        chunk = slot.to(tl.int64)
+    else:
+        seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+        chunk = (tl.load(chunk_offsets + tl.maximum(seq, 0)) + local).to(tl.int64)
+    return seq, local, t0, n, chunk
 
 
 @triton.jit
@@ -335,6 +359,7 @@ def _prepare_kernel(
     NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
     STORE_W: tl.constexpr = True, F16_Q: tl.constexpr = False, INV_F16: tl.constexpr = False,
     chunk_offsets=None, decay=None, do16=None, do_scale=None, U_T: tl.constexpr = False,
+    seq_len=0, UNIFORM: tl.constexpr = False, V_LINES: tl.constexpr = 0,
 ):
     """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
     kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
@@ -353,9 +378,12 @@ def _prepare_kernel(
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
-    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    seq, local, t0, n, chunk = _slot_bounds(slot, chunk_seq, chunk_local, cu_seqlens, chunk_offsets, seq_len, BT,
+                                            UNIFORM)
     if seq < 0:
         return
+    if V_LINES > 0:  # v is read last, after the inverse: ask L2 for it now
+        _prefetch_tile(v + t0 * SV + hv * V, SV, n, V, BT, V_LINES, 64)
     h = hv // (HV // H)
     o_t = tl.arange(0, BT)
     ii = o_t[:, None]
@@ -368,7 +396,6 @@ def _prepare_kernel(
     # Padded rows have g = 0, so gamma there equals gamma at the last real row (= gamma_C).
     gam = tl.cumsum(gv, 0)
     gam_last = tl.sum(gv, 0)
-    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
     tl.store(decay + chunk * HV + hv, tl.exp(gam_last))
     if F16:  # early, while few tiles are live
         ks = rk * tl.exp(gam_last - gam)
@@ -475,7 +502,10 @@ def _state_fwd_kernel(
         S = _load(h0 + (n * HV + hv) * kv + iv * BV, V, K, cols, BK, BV).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
+    next_decay = tl.load(decay + c0 * HV + hv, mask=num_chunks > 0, other=1.0)
     for c in range(0, num_chunks):
+        chunk_decay = next_decay  # e^gamma_C, from the prepare kernel, read a step ahead (as below)
+        next_decay = tl.load(decay + (c0 + tl.minimum(c + 1, num_chunks - 1)) * HV + hv)
         s_off = ((c0 + c) * HV + hv) * kv + iv * BV
         if STORE_F16:  # as in `_state_bwd_kernel`
             es, inv_es = _f16_scale(S)
@@ -491,7 +521,6 @@ def _state_fwd_kernel(
         hk = (t0 * HV + hv) * K
         hvv = (t0 * HV + hv) * V + iv * BV
         ux = _load(u + hvv, HV * V, rows, cols, BT, BV)
-        chunk_decay = tl.load(decay + (c0 + c) * HV + hv)  # e^gamma_C, from the prepare kernel
         if F16:
             if not STORE_F16:
                 es, _ = _f16_scale(S)
@@ -533,6 +562,7 @@ def _state_fwd_rows_kernel(
     HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREFETCH: tl.constexpr = False,
+    LATE_STORES: tl.constexpr = False,
 ):
     """Per (sequence, value head, V tile): the forward's sequential pass with float16 products,
     carried transposed, S^T [V, K], with one power-of-two scale per row (per value column of S).
@@ -566,8 +596,13 @@ def _state_fwd_rows_kernel(
         S = _load_t(h0 + (n * HV + hv) * kv + iv * BV, V, K, cols, BK, BV).to(tl.float32)
     else:
         S = tl.zeros([BV, BK], dtype=tl.float32)
+    next_decay = tl.load(decay + c0 * HV + hv, mask=num_chunks > 0, other=1.0)
     for c in range(0, num_chunks):
         chunk = c0 + c
+        # e^gamma_C is read one step ahead: it is needed at the step's end, and read there the pass
+        # waited on it every step (5.7% of its stall samples on an H200)
+        chunk_decay = next_decay
+        next_decay = tl.load(decay + (c0 + tl.minimum(c + 1, num_chunks - 1)) * HV + hv)
         if PREFETCH:
             tn = bos + tl.minimum(c + 1, num_chunks - 1) * BT
             rn = tl.minimum(eos - tn, BT).to(tl.int32)
@@ -577,20 +612,27 @@ def _state_fwd_rows_kernel(
             _prefetch_tile(ut + ((cn * HV + hv) * V + iv * BV) * BT, BT, cols, BT, BV, (BT + 31) // 32, 32)
         es, inv_es = _pow2_pair(tl.max(tl.abs(S), 1))
         st = (S * inv_es[:, None]).to(tl.float16)
-        _store(s_hi + (chunk * HV + hv) * kv + iv * BV, V, K, cols, tl.trans(S), BK, BV)
+        if not LATE_STORES:
+            _store(s_hi + (chunk * HV + hv) * kv + iv * BV, V, K, cols, tl.trans(S), BK, BV)
         row = (chunk * HV + hv) * V + iv * BV  # first row of this tile in the per-chunk buffers
         t0 = bos + c * BT
         rows = tl.minimum(eos - t0, BT).to(tl.int32)
         hk = (t0 * HV + hv) * K
         x = _dot(st, tl.trans(_load(w16 + hk, HV * K, rows, K, BT, BK)), tl.zeros([BV, BT], dtype=tl.float32))
+        if LATE_STORES:
+            _store(s_hi + (chunk * HV + hv) * kv + iv * BV, V, K, cols, tl.trans(S), BK, BV)
         delta = _load(ut + row * BT, BT, cols, BT, BV, BT) - x * es[:, None]  # 0 past the chunk's end
         ed, inv_ed = _pow2_pair(tl.max(tl.abs(delta), 1))
         dt = (delta * inv_ed[:, None]).to(tl.float16)
-        _store(d16 + (t0 * HV + hv) * V + iv * BV, HV * V, rows, cols, tl.trans(delta * inv_ed[:, None]), BT, BV)
-        tl.store(d_scale + row + r, ed, mask=r < cols)
-        chunk_decay = tl.load(decay + chunk * HV + hv)
+        if not LATE_STORES:
+            _store(d16 + (t0 * HV + hv) * V + iv * BV, HV * V, rows, cols, tl.trans(delta * inv_ed[:, None]), BT, BV)
+            tl.store(d_scale + row + r, ed, mask=r < cols)
         kx = _load(k16 + hk, HV * K, rows, K, BT, BK)
-        S = _dot(dt, kx, tl.zeros([BV, BK], dtype=tl.float32)) * ed[:, None] + S * chunk_decay
+        update = _dot(dt, kx, tl.zeros([BV, BK], dtype=tl.float32))
+        if LATE_STORES:
+            _store(d16 + (t0 * HV + hv) * V + iv * BV, HV * V, rows, cols, tl.trans(delta * inv_ed[:, None]), BT, BV)
+            tl.store(d_scale + row + r, ed, mask=r < cols)
+        S = update * ed[:, None] + S * chunk_decay
     if STORE_HT:
         _store(ht + (n * HV + hv) * kv + iv * BV, V, K, cols, tl.trans(S), BK, BV)
 
@@ -602,7 +644,7 @@ def _output_kernel(
     scale, H, HV, K, V, SQK, SV,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM: tl.constexpr, OUT_TERMS: tl.constexpr = 2, d_scale=None, D_F16: tl.constexpr = False,
-    D_BV: tl.constexpr = 32,
+    D_BV: tl.constexpr = 32, seq_len=0, UNIFORM: tl.constexpr = False,
 ):
     """Per (chunk slot, value head): O = (scale r_q e^gamma) * (q S) + P Delta.
 
@@ -615,10 +657,10 @@ def _output_kernel(
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
-    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    seq, local, t0, n, chunk = _slot_bounds(slot, chunk_seq, chunk_local, cu_seqlens, chunk_offsets, seq_len, BT,
+                                            UNIFORM)
     if seq < 0:
         return
-    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
     h = hv // (HV // H)
     o_t = tl.arange(0, BT)
     ii = o_t[:, None]
@@ -695,8 +737,11 @@ def _state_bwd_kernel(
         dS = _load(dht + (n * HV + hv) * kv + iv * BV, V, K, cols, BK, BV).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
+    next_decay = tl.load(decay + (c0 + num_chunks - 1) * HV + hv, mask=num_chunks > 0, other=1.0)
     for step in range(0, num_chunks):
         c = num_chunks - 1 - step
+        chunk_decay = next_decay  # e^gamma_C, from the prepare kernel, read a step ahead
+        next_decay = tl.load(decay + (c0 + tl.maximum(c - 1, 0)) * HV + hv)
         s_off = ((c0 + c) * HV + hv) * kv + iv * BV
         if STORE_F16:
             # dS * inv_es, not dS * (1 / es) as below: the same value computed apart, so that it is
@@ -721,7 +766,6 @@ def _state_bwd_kernel(
             local = local * tl.load(dvl_scale + scale_at, mask=col < V, other=0.0)[None, :]
         else:
             dox = _load(do + hvv, HV * V, rows, cols, BT, BV).to(tl.float32)
-        chunk_decay = tl.load(decay + (c0 + c) * HV + hv)  # e^gamma_C, from the prepare kernel
         if F16:
             if not STORE_F16:
                 es, _ = _f16_scale(dS)

@@ -28,6 +28,9 @@ class SequenceLayout:
     chunk_seq: int32 [num_slots] sequence of each chunk slot (-1: spare slot).
     chunk_local: int32 [num_slots] chunk index within its sequence.
     num_seqs: N. num_slots: grid size of the per-chunk kernels (>= the number of chunks).
+    uniform_len: T for a batch of equal-length sequences (slot s is then chunk s % ceil(T / C) of
+    sequence s // ceil(T / C), so the per-chunk kernels can compute where it sits instead of
+    reading it), 0 for packed documents.
     """
 
     cu_seqlens: torch.Tensor
@@ -36,6 +39,7 @@ class SequenceLayout:
     chunk_local: torch.Tensor
     num_seqs: int
     num_slots: int
+    uniform_len: int = 0
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.cu_seqlens, self.chunk_offsets, self.chunk_seq, self.chunk_local
@@ -66,6 +70,7 @@ def sequence_layout(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, d
                 chunk_local=slots % chunks,
                 num_seqs=batch,
                 num_slots=num_slots,
+                uniform_len=seq_len,
             )
             if not (key[2].type == "cuda" and torch.cuda.is_current_stream_capturing()):
                 _UNIFORM[key] = layout
