@@ -945,10 +945,9 @@ def _grad_q_kernel(
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
-    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    seq, local, t0, n, chunk = _slot_bounds(slot, chunk_seq, chunk_local, cu_seqlens, chunk_offsets, 0, BT, False)
     if seq < 0:
         return
-    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
     h = hv // (HV // H)
     o_t = tl.arange(0, BT)
     eg = tl.exp(tl.cumsum(_load_vec(g + t0 * HV + hv, HV, n, BT), 0))
@@ -1017,10 +1016,9 @@ def _grad_state_kernel(
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
-    seq, local, t0, n = _chunk_bounds(slot, chunk_seq, chunk_local, cu_seqlens, BT)
+    seq, local, t0, n, chunk = _slot_bounds(slot, chunk_seq, chunk_local, cu_seqlens, chunk_offsets, 0, BT, False)
     if seq < 0:
         return
-    chunk = (tl.load(chunk_offsets + seq) + local).to(tl.int64)
     h = hv // (HV // H)
     o_t = tl.arange(0, BT)
     gv = _load_vec(g + t0 * HV + hv, HV, n, BT)
