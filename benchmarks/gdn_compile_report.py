@@ -111,6 +111,8 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     ht=None, cu_seqlens="*i32", chunk_offsets="*i32", HV="i32", K="i32", V="i32",
                     BT=64, BK=block_k, BV=64, HAS_H0=False, STORE_HT=False, PREFETCH=True, LATE_STORES=False)
         runs.append(("state pass, forward, rows (V tile 64)", k._state_fwd_rows_kernel, args, 4, state_stages))
+        runs.append(("state pass, forward, rows (V tile 128, 8 warps)", k._state_fwd_rows_kernel,
+                     dict(args, BV=128, LATE_STORES=True), 8, max(3, state_stages)))
     args = dict(common, q=raw, k=raw, g=f32, s_hi=half, s_lo=half, d_hi="*fp16" if f16 else half,
                 d_lo="*fp16" if f16 else half, o=raw, BV=64, OUT_TERMS=1 if f16 else terms,
                 d_scale=f32 if f16 else None, D_F16=f16, D_BV=1 if f16 else 32, seq_len="i32", UNIFORM=True)

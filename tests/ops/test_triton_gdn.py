@@ -473,19 +473,43 @@ def test_split_rows_forward(monkeypatch, case):
     rows_pass = chunk_split._state_forward_rows
     monkeypatch.setattr(chunk_split, "_state_forward_rows", lambda *a: ran.append(1) or rows_pass(*a))
     results = []
-    for rows, late in [(False, None), (True, False), (True, True)]:  # late: the stores after the matmuls
+    # late: the stores after the matmuls; V tile 128 (two warpgroups on a GPU): each row of S^T is
+    # computed as at V tile 64, so the results must not change either
+    for rows, late, block_v in [(False, None, 0), (True, False, 0), (True, True, 0), (True, False, 128)]:
         monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_forward", rows)
         monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_late_stores", late)
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_block_v", block_v)
         with torch.no_grad():
             results.append(chunk_gated_delta_rule_triton_split(q, k, v, g, beta, initial_state=h0,
                                                                output_final_state=True, cu_seqlens=cu))
-    assert ran == [1, 1]
-    (o0, s0), (o1, s1), (o2, s2) = results
-    assert torch.isfinite(o1).all() and torch.isfinite(s1).all()
-    assert torch.equal(o0, o1) and torch.equal(s0, s1) and torch.equal(o1, o2) and torch.equal(s1, s2)
+    assert ran == [1, 1, 1]
+    (o0, s0), *others = results
+    assert torch.isfinite(o0).all() and torch.isfinite(s0).all()
+    for o1, s1 in others:
+        assert torch.equal(o0, o1) and torch.equal(s0, s1)
     monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_late_stores", None)
+    monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "rows_block_v", 0)
     _check_fwd_bwd(chunk_gated_delta_rule_triton_split, q, k, v, g, beta, h0, cu_seqlens=cu, tol=5e-3)
     assert chunk_split._rows_block_v(96) == 64 and chunk_split._rows_block_v(32) == 32
+
+
+def test_split_rows_tile_choice(monkeypatch):
+    # The forward pass's V tile on a Hopper-like device of 132 SMs: 128 (8 warps, 3 stages) only
+    # where V is a multiple of 128 and tiles of 64 would put more than one program on an SM.
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    device = torch.device("cuda")
+    monkeypatch.setattr(chunk_split, "uses_wgmma", lambda d: True)
+    monkeypatch.setattr(chunk_split, "_sm_count", lambda d: 132)
+    monkeypatch.setattr(chunk_split, "_state_stages", lambda d: 2)
+    assert chunk_split._rows_block_v(128, 8 * 16, device) == 128  # (8, 2048, 16, 128, 128): 256 tiles of 64
+    assert chunk_split._rows_block_v(128, 64, device) == 64  # 128 tiles of 64: one per SM
+    assert chunk_split._rows_block_v(256, 128, device) == 128
+    assert chunk_split._rows_block_v(192, 4 * 16, device) == 64  # a tile of 128 would be a third empty
+    assert chunk_split._rows_block_v(64, 1000, device) == 64 and chunk_split._rows_block_v(48, 1000, device) == 64
+    assert chunk_split._rows_launch(128, device) == (8, 3) and chunk_split._rows_launch(64, device) == (4, 2)
+    monkeypatch.setattr(chunk_split, "uses_wgmma", lambda d: False)  # mma.sync: one warpgroup's tile
+    assert chunk_split._rows_block_v(128, 8 * 16, device) == 64
 
 
 @triton.jit
