@@ -64,13 +64,13 @@ def compile_kernel(fn, args: dict, num_warps: int, num_stages: int, arch: int = 
 
 
 def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False, state_stages: int = 2,
-                  grad_terms: int = 2, f16: bool = False) -> list[tuple]:
+                  grad_terms: int = 2, f16: bool = False, f16_inverse: bool = False, inverse_diag: int = 16) -> list[tuple]:
     """(label, kernel, args, warps, stages) of "triton-split" at its default settings
     (chunk_split.KernelOptions); the sequential kernels at each V tile of state_block_vs. one_term:
     the opt-in one-term products (`one_term_state_products`, `one_term_output_states`, `one_term_w`);
     f16: the scaled float16 products of the defaults for bf16 inputs with the L2 norm
-    (`f16_state_forward`, `f16_state_backward`, `f16_grad_states` with `fuse_qk_norm_backward`, and
-    the opt-in `f16_inverse`)."""
+    (`f16_state_forward`, `f16_state_backward`, `f16_grad_states` with `fuse_qk_norm_backward`);
+    f16_inverse: the opt-in `f16_inverse` (with f16); inverse_diag: `KernelOptions.inverse_diag`."""
     terms = 1 if one_term else 2
     k = load("kernels_split")
     raw, half, f32 = "*bf16", "*bf16", "*fp32"
@@ -84,7 +84,7 @@ def split_kernels(block_k: int, state_block_vs=(16, 64), one_term: bool = False,
                     dvl_scale=f32 if f16 and backward else None, BV=64, BACKWARD=backward,
                     W_TERMS=terms, w16="*fp16" if f16 else None, k16="*fp16" if f16 else None, F16=f16,
                     q16="*fp16" if f16 and backward else None, F16_Q=f16 and backward, STORE_W=not f16,
-                    INV_F16=f16, chunk_offsets="*i32", decay=f32, do16="*fp16" if f16 and backward else None,
+                    INV_F16=f16 and f16_inverse, LOG2_DIAG=max(inverse_diag, 1).bit_length() - 1, chunk_offsets="*i32", decay=f32, do16="*fp16" if f16 and backward else None,
                     do_scale=f32 if f16 and backward else None, seq_len="i32", UNIFORM=True,
                     V_LINES=0 if backward else 4, U_T=f16 and not backward)
         runs.append((f"prepare ({'backward' if backward else 'forward'})", k._prepare_kernel, args, 4, 3))
@@ -148,10 +148,13 @@ def main() -> None:
     parser.add_argument("--state-stages", type=int, default=2, help="pipelining stages of the sequential kernels")
     parser.add_argument("--grad-terms", type=int, default=2, help="bf16 terms in the gradient kernels' matmuls")
     parser.add_argument("--one-term", action="store_true", help="the opt-in one-term state products and output states")
-    parser.add_argument("--f16", action="store_true", help="the float16 state passes and inverse (the defaults for bf16 with the L2 norm)")
+    parser.add_argument("--f16", action="store_true", help="the float16 state passes (the defaults for bf16 with the L2 norm)")
+    parser.add_argument("--f16-inverse", action="store_true", help="with --f16: the opt-in float16 inverse")
+    parser.add_argument("--inverse-diag", type=int, default=16, help="KernelOptions.inverse_diag (0: the whole tile)")
     args = parser.parse_args()
     block_k = max(16, triton.next_power_of_2(args.key_dim))
-    runs = split_kernels(block_k, args.state_block_v, args.one_term, args.state_stages, args.grad_terms, args.f16)
+    runs = split_kernels(block_k, args.state_block_v, args.one_term, args.state_stages, args.grad_terms, args.f16,
+                         args.f16_inverse, args.inverse_diag)
     print(f'"triton-split", Triton {triton.__version__}, sm_{args.arch}, K tile {block_k}{", one-term" if args.one_term else ""}\n')
     print("| kernel | warps | stages | registers | spill stack B | STL/LDL | shared KB | programs/SM | wgmma/mma |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -512,6 +512,28 @@ def test_split_rows_tile_choice(monkeypatch):
     assert chunk_split._rows_block_v(128, 8 * 16, device) == 64
 
 
+def test_split_inverse_diag_option(monkeypatch):
+    # KernelOptions.inverse_diag: the inverse's first levels on a batch of diagonal blocks (default
+    # 16) or on the whole tile (0): the same outputs and gradients up to rounding order.
+    from hybridlm.ops.gated_delta_rule.triton import chunk_split
+
+    assert [chunk_split._log2_diag(n) for n in (0, 1, 16, 32)] == [0, 0, 4, 5]
+    for bad in (8, 24, 64):
+        with pytest.raises(ValueError, match="inverse_diag must be 0, 1 or a power of two from 16 to 32"):
+            chunk_split._log2_diag(bad)
+    q, k, v, g, beta, h0 = _inputs(1, 130, 1, 2, 32, 32, seed=53)
+    results = []
+    for diag in (16, 0):
+        monkeypatch.setattr(chunk_split.SPLIT_OPTIONS, "inverse_diag", diag)
+        inputs = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+        o, s = chunk_gated_delta_rule_triton_split(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
+        grads = torch.autograd.grad((o * do).sum() + s.sum(), inputs)
+        results.append((o, s, *grads))
+    for got, want in zip(*results):
+        assert _rel(got, want) < 1e-6, f"{_rel(got, want):.2e}"
+
+
 @triton.jit
 def _pow2_pair_kernel(m, e, inv, N: tl.constexpr):
     r = tl.arange(0, N)
@@ -547,20 +569,22 @@ def test_sequence_layout_is_reused_for_equal_lengths():
 
 
 @triton.jit
-def _unit_lower_inverse_kernel(a, t, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+def _unit_lower_inverse_kernel(a, t, BT: tl.constexpr, LOG2_BT: tl.constexpr, LOG2_DIAG: tl.constexpr):
     r = tl.arange(0, BT)
     offsets = r[:, None] * BT + r[None, :]
-    tl.store(t + offsets, _unit_lower_inverse(tl.load(a + offsets), BT, LOG2_BT))
+    tl.store(t + offsets, _unit_lower_inverse(tl.load(a + offsets), BT, LOG2_BT, LOG2_DIAG))
 
 
+@pytest.mark.parametrize("log2_diag", [0, 4, 5])
 @pytest.mark.parametrize("case, bar", [("normalised keys, beta up to 2", 1e-5), ("one key, beta 1.999", 3e-4),
                                        ("no decay, beta 2", 5e-5)])
-def test_unit_lower_inverse_matches_float64(case, bar):
+def test_unit_lower_inverse_matches_float64(case, bar, log2_diag):
     # The prepare kernel's T = (I + A)^-1 (block doubling, each level's product taken with the whole
-    # of A and masked) against float64, A = diag(beta) (K K^T * decay) strictly below the diagonal as
-    # the kernel builds it, with entries up to 2 where the inverse's entries alternate in sign. The
-    # bars follow I + A's condition number (4.7, 1000, 36): each is at least 15x below the error
-    # that rounding A to one bf16 term alone gives (1.0e-3, 4.4e-2, 4.9e-3).
+    # of A and masked; with log2_diag, the levels up to blocks of 2^log2_diag on a batch of the
+    # diagonal blocks instead) against float64, A = diag(beta) (K K^T * decay) strictly below the
+    # diagonal as the kernel builds it, with entries up to 2 where the inverse's entries alternate
+    # in sign. The bars follow I + A's condition number (4.7, 1000, 36): each is at least 15x below
+    # the error that rounding A to one bf16 term alone gives (1.0e-3, 4.4e-2, 4.9e-3).
     gen = torch.Generator().manual_seed(7)
     k = torch.randn(64, 32, generator=gen, dtype=torch.float64)
     if case.startswith("one key"):
@@ -574,7 +598,7 @@ def test_unit_lower_inverse_matches_float64(case, bar):
         gam = torch.zeros_like(gam)
     a = (beta[:, None] * (k @ k.T) * torch.exp(gam[:, None] - gam[None, :])).tril(-1).float()
     t = torch.empty_like(a)
-    _unit_lower_inverse_kernel[(1,)](a, t, BT=64, LOG2_BT=6)
+    _unit_lower_inverse_kernel[(1,)](a, t, BT=64, LOG2_BT=6, LOG2_DIAG=log2_diag)
     want = torch.linalg.inv(torch.eye(64, dtype=torch.float64) + a.double())
     assert torch.equal(t.triu(1), torch.zeros_like(t)) and torch.equal(t.diagonal(), torch.ones(64))
     assert _rel(t, want) < bar, f"{_rel(t, want):.2e}"

@@ -198,7 +198,40 @@ def _f16_scaled(x):
 
 
 @triton.jit
-def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+def _diagonal_blocks(A, BT: tl.constexpr, S: tl.constexpr):
+    """The BT // S diagonal blocks of A [BT, BT], as [BT // S, S, S]."""
+    NB: tl.constexpr = BT // S
+    b = tl.arange(0, NB)
+    keep = b[:, None, None, None] == b[None, None, :, None]
+    return tl.sum(tl.where(keep, tl.reshape(A, [NB, S, NB, S]), 0.0), axis=2)
+
+
+@triton.jit
+def _block_diagonal(D, BT: tl.constexpr, S: tl.constexpr):
+    """The [BT, BT] block-diagonal matrix whose diagonal blocks are D [BT // S, S, S]."""
+    NB: tl.constexpr = BT // S
+    b = tl.arange(0, NB)
+    keep = b[:, None, None, None] == b[None, None, :, None]
+    return tl.reshape(tl.where(keep, tl.expand_dims(D, 2), 0.0), [BT, BT])
+
+
+@triton.jit
+def _double_blocks(inv, ah, al, ii, jj, FIRST: tl.constexpr, LAST: tl.constexpr):
+    """Levels FIRST..LAST of `_unit_lower_inverse`: inv, the inverse in blocks of 2^(FIRST - 1),
+    becomes the inverse in blocks of 2^LAST; ah + al is A split (2-D tiles, or batches of diagonal
+    blocks with ii, jj broadcast over the batch)."""
+    for level in tl.static_range(FIRST, LAST + 1):
+        same_block = (ii >> level) == (jj >> level)
+        other_half = (ii >> (level - 1)) != (jj >> (level - 1))
+        ih, il = _split(inv)
+        x = _mm_ss(ih, il, ah, al, tl.zeros_like(inv))
+        xh, xl = _split(tl.where(same_block & other_half, -x, 0.0))
+        inv = _mm_ss(xh, xl, ih, il, inv)
+    return inv
+
+
+@triton.jit
+def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, LOG2_DIAG: tl.constexpr = 0):
     """(I + A)^-1 for a strictly lower triangular A [BT, BT] (float32), by doubling the block size.
 
     With T the inverse of the block diagonal of (I + A) in blocks of size h, the inverse in blocks of
@@ -209,19 +242,27 @@ def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
     T C equals T A on C's quadrants (T is zero outside the h blocks, and there A's entries are C's),
     so each level multiplies by the whole of A and masks the product: A is split, and put in
     shared memory for the matmuls, once instead of once per level, with the same products.
+
+    LOG2_DIAG > 0: the levels up to blocks of 2^LOG2_DIAG run on the diagonal blocks of that size
+    only, as a batch of small matmuls (BT / 2^LOG2_DIAG times fewer products than on the whole
+    tile, which are zero outside those blocks); the result is the same up to rounding order.
     """
-    ii = tl.arange(0, BT)[:, None]
-    jj = tl.arange(0, BT)[None, :]
-    inv = tl.where(ii == jj, 1.0, 0.0) - tl.where((ii // 2) == (jj // 2), A, 0.0)
+    if LOG2_DIAG > 0:
+        S: tl.constexpr = 1 << LOG2_DIAG
+        D = _diagonal_blocks(A, BT, S)
+        i3 = tl.arange(0, S)[None, :, None]
+        j3 = tl.arange(0, S)[None, None, :]
+        dh, dl = _split(D)
+        inv = tl.where(i3 == j3, 1.0, 0.0) - tl.where((i3 // 2) == (j3 // 2), D, 0.0)
+        inv = _block_diagonal(_double_blocks(inv, dh, dl, i3, j3, 2, LOG2_DIAG), BT, S)
+        first: tl.constexpr = LOG2_DIAG + 1
+    else:
+        ii = tl.arange(0, BT)[:, None]
+        jj = tl.arange(0, BT)[None, :]
+        inv = tl.where(ii == jj, 1.0, 0.0) - tl.where((ii // 2) == (jj // 2), A, 0.0)
+        first: tl.constexpr = 2
     ah, al = _split(A)
-    for level in tl.static_range(2, LOG2_BT + 1):
-        same_block = (ii >> level) == (jj >> level)
-        other_half = (ii >> (level - 1)) != (jj >> (level - 1))
-        ih, il = _split(inv)
-        x = _mm_ss(ih, il, ah, al, tl.zeros([BT, BT], dtype=tl.float32))
-        xh, xl = _split(tl.where(same_block & other_half, -x, 0.0))
-        inv = _mm_ss(xh, xl, ih, il, inv)
-    return inv
+    return _double_blocks(inv, ah, al, tl.arange(0, BT)[:, None], tl.arange(0, BT)[None, :], first, LOG2_BT)
 
 
 @triton.jit
@@ -359,7 +400,7 @@ def _prepare_kernel(
     NORM: tl.constexpr, BACKWARD: tl.constexpr, W_TERMS: tl.constexpr = 2, F16: tl.constexpr = False,
     STORE_W: tl.constexpr = True, F16_Q: tl.constexpr = False, INV_F16: tl.constexpr = False,
     chunk_offsets=None, decay=None, do16=None, do_scale=None, U_T: tl.constexpr = False,
-    seq_len=0, UNIFORM: tl.constexpr = False, V_LINES: tl.constexpr = 0,
+    seq_len=0, UNIFORM: tl.constexpr = False, V_LINES: tl.constexpr = 0, LOG2_DIAG: tl.constexpr = 0,
 ):
     """Per (chunk slot, value head): W (split; its hi term only at W_TERMS = 1), U,
     kscale = r_k e^(gamma_C - gamma); in BACKWARD mode also T (split), qscale = scale r_q e^gamma
@@ -374,7 +415,8 @@ def _prepare_kernel(
     w_lo (where only the float16 passes read W). INV_F16: T by `_unit_lower_inverse_f16`.
     decay[chunk, hv] = e^gamma_C (chunk = chunk_offsets[sequence] + chunk index in it), so that the
     state passes need no reduction for it. U_T (forward only, for `_state_fwd_rows_kernel`): U stored
-    transposed per chunk, u[chunk, hv, V, BT] (float32), the layout that pass reads.
+    transposed per chunk, u[chunk, hv, V, BT] (float32), the layout that pass reads. LOG2_DIAG: the
+    inverse's levels on a batch of diagonal blocks (`_unit_lower_inverse`).
     """
     slot = tl.program_id(0)
     hv = tl.program_id(1)
@@ -407,7 +449,7 @@ def _prepare_kernel(
     if INV_F16:
         T = _unit_lower_inverse_f16(A, BT, LOG2_BT)
     else:
-        T = _unit_lower_inverse(A, BT, LOG2_BT)
+        T = _unit_lower_inverse(A, BT, LOG2_BT, LOG2_DIAG)
 
     hk = (t0 * HV + hv) * K
     th, tl_ = _split(T * (bv * tl.exp(gam) * rk)[None, :])
